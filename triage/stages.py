@@ -1,0 +1,277 @@
+"""Ray Data adapters that run the pure DSPy modules of `triage.programs` at scale.
+
+Data flow (one place): every batch is an Arrow table with the output schema
+(`triage.schema.OUTPUT_SCHEMA`). The reader fills `call_id`, `transcript`, `model`, zero
+token counts, and `errors` for rows that cannot be triaged ("input: ..."). Each stage
+then fills its own output fields for every other row, adds the tokens it spent, stamps
+`triaged_at`, and appends its failure to `errors` ("triage: ...") leaving its fields null.
+Exactly one output row leaves a stage for each row that enters it, in the same order.
+
+A stage is a callable class: Ray Data builds it once per actor (the LM, the adapter and
+the optimized program are set up in `__init__`) and calls it on batches from an event
+loop on another thread, so the LM is passed with `dspy.context` per call, never with
+`dspy.configure`. Rows of a batch run concurrently, with at most `in_flight` LM requests
+open per actor at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import dspy
+import pyarrow as pa
+from dspy.utils.exceptions import AdapterParseError, is_retryable_lm_error
+from dspy.utils.usage_tracker import track_usage
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from triage.errors import redact
+from triage.lm import LMSetup, build_lm
+from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall
+from triage.schema import OUTPUT_SCHEMA
+from triage.settings import Settings
+
+logger = logging.getLogger("triage")
+
+INPUT_ERROR_PREFIX = "input: "
+MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True)
+class ProgramSource:
+    """The state of an optimized program, read once on the driver, or None for the default prompts."""
+
+    state: dict[str, Any] | None
+    label: str
+
+    @classmethod
+    def load(cls, directory: str | Path, file_name: str) -> ProgramSource:
+        path = Path(directory) / file_name
+        if not path.is_file():
+            return cls(None, f"default prompts ({path} not found)")
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()[:12]
+        return cls(json.loads(data), f"{path} (sha256 {digest})")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What every actor of a stage is built from; small and picklable (the key stays a Secret)."""
+
+    settings: Settings
+    program: ProgramSource
+    in_flight: int = 8
+    threads: int | None = None
+
+
+@dataclass
+class RowOutcome:
+    values: dict[str, str | None]
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class InvalidAnswer(Exception):
+    """The LM answered, but not with values the signature allows."""
+
+
+class _WaitRetryAfter(wait_base):
+    """Exponential backoff with jitter, but never sooner than the provider's Retry-After."""
+
+    def __init__(self, fallback: wait_base) -> None:
+        self.fallback = fallback
+
+    def __call__(self, retry_state: Any) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        hint = getattr(exc, "retry_after", None)
+        if isinstance(hint, int | float) and hint > 0:
+            return float(hint) * (1 + 0.1 * random.random())
+        return self.fallback(retry_state)
+
+
+def literal_choices(annotation: Any) -> tuple[str, ...] | None:
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+
+
+def validation_problems(values: dict[str, Any], signature: type[dspy.Signature], may_be_empty: frozenset[str]) -> list[str]:
+    """What is wrong with an answer: a missing field, an empty one, a value outside its Literal set."""
+    problems = []
+    for name, field in signature.output_fields.items():
+        value = values.get(name)
+        choices = literal_choices(field.annotation)
+        if value is None:
+            problems.append(f"`{name}` is missing")
+        elif not isinstance(value, str):
+            problems.append(f"`{name}` is not text")
+        elif choices is not None and value not in choices:
+            problems.append(f"`{name}` must be exactly one of {', '.join(choices)}; got {value[:60]!r}")
+        elif not value.strip() and name not in may_be_empty:
+            problems.append(f"`{name}` is empty")
+    return problems
+
+
+class Stage:
+    """Runs one DSPy module per row of a Ray Data batch. Subclasses only declare what to run."""
+
+    name: ClassVar[str]
+    module_class: ClassVar[type[dspy.Module]]
+    signature: ClassVar[type[dspy.Signature]]
+    program_file: ClassVar[str]
+    may_be_empty: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        config: StageConfig,
+        *,
+        lm_setup: LMSetup | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.settings = config.settings
+        self.setup = lm_setup or build_lm(config.settings, threads=config.threads)
+        self.program = self.module_class()
+        if config.program.state is not None:
+            self.program.load_state(config.program.state)
+        self.in_flight = config.in_flight
+        self._semaphore: asyncio.Semaphore | None = None
+        self._sleep = sleep
+        self._secrets = [config.settings.api_key.reveal()] if config.settings.api_key else []
+        logger.info("%s stage: model %s, program %s", self.name, self.settings.model, config.program.label)
+
+    @classmethod
+    def output_fields(cls) -> tuple[str, ...]:
+        return tuple(cls.signature.output_fields)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["transcript", "errors"]).to_pylist()
+        outcomes = await asyncio.gather(*(self._triage_row(row) for row in rows))
+        return self._merge(batch, outcomes)
+
+    async def _triage_row(self, row: dict[str, Any]) -> RowOutcome:
+        errors = row["errors"]
+        if errors and errors.startswith(INPUT_ERROR_PREFIX):
+            return RowOutcome(values={})
+        with track_usage() as usage:
+            try:
+                values = await self.predict(row["transcript"])
+                outcome = RowOutcome(values=values)
+            except Exception as exc:  # every failure becomes the row's error; nothing escapes to Ray
+                outcome = RowOutcome(values={}, error=self._describe(exc))
+        for counts in usage.get_total_tokens().values():
+            outcome.prompt_tokens += int(counts.get("prompt_tokens") or 0)
+            outcome.completion_tokens += int(counts.get("completion_tokens") or 0)
+        return outcome
+
+    async def predict(self, transcript: str) -> dict[str, str]:
+        """The validated output fields for one transcript.
+
+        An answer that does not validate is asked again with the reason appended to the
+        request (up to `validation_attempts` answers); each request on its own is retried
+        on transient errors (429, 5xx, timeouts, connection resets) with exponential
+        backoff and jitter, honouring Retry-After (up to `max_retries` times).
+        """
+        feedback = None
+        for _ in range(self.settings.validation_attempts):
+            try:
+                prediction = await self._request(transcript, self.setup.adapter(feedback))
+            except AdapterParseError as exc:
+                problems = [f"the answer could not be parsed ({_first_line(exc)})"]
+            else:
+                values = {name: prediction.get(name) for name in self.signature.output_fields}
+                problems = validation_problems(values, self.signature, self.may_be_empty)
+                if not problems:
+                    return values
+            feedback = self._feedback(problems)
+        raise InvalidAnswer(f"no valid answer after {self.settings.validation_attempts} attempts: {'; '.join(problems)}")
+
+    async def _request(self, transcript: str, adapter: dspy.ChatAdapter) -> dspy.Prediction:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(is_retryable_lm_error),
+            wait=_WaitRetryAfter(wait_exponential_jitter(multiplier=0.5, max=30.0)),
+            stop=stop_after_attempt(self.settings.max_retries + 1),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                async with self._request_slot():
+                    with dspy.context(lm=self.setup.lm, adapter=adapter):
+                        return await self.program.acall(transcript=transcript)
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    def _request_slot(self) -> asyncio.Semaphore:
+        # Created on first use: it must belong to the event loop Ray Data calls us from.
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.in_flight)
+        return self._semaphore
+
+    def _feedback(self, problems: list[str]) -> str:
+        rules = [
+            f"`{name}` must be exactly one of: {', '.join(choices)}"
+            for name, field in self.signature.output_fields.items()
+            if (choices := literal_choices(field.annotation))
+        ]
+        return (
+            "Your previous answer was rejected: " + "; ".join(problems) + ". "
+            "Answer again with every output field, in the required format. " + ". ".join(rules)
+        ).strip()
+
+    def _describe(self, exc: Exception) -> str:
+        text = redact(f"{type(exc).__name__}: {_first_line(exc)}", self._secrets)
+        return f"{self.name}: {text}"[:MAX_ERROR_CHARS]
+
+    def _merge(self, batch: pa.Table, outcomes: list[RowOutcome]) -> pa.Table:
+        columns = {name: batch.column(name) for name in batch.column_names}
+        for name in self.output_fields():
+            columns[name] = pa.array([o.values.get(name) for o in outcomes], pa.string())
+        columns["errors"] = pa.array(
+            [_join_errors(old, o.error) for old, o in zip(batch.column("errors").to_pylist(), outcomes, strict=True)],
+            pa.string(),
+        )
+        for name in ("prompt_tokens", "completion_tokens"):
+            spent = [getattr(o, name) for o in outcomes]
+            columns[name] = pa.array([old + new for old, new in zip(batch.column(name).to_pylist(), spent, strict=True)],
+                                     pa.int64())
+        now = datetime.now(UTC)
+        columns["triaged_at"] = pa.array([now] * len(outcomes), pa.timestamp("us", tz="UTC"))
+        return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _join_errors(old: str | None, new: str | None) -> str | None:
+    if old and new:
+        return f"{old}; {new}"
+    return old or new
+
+
+class TriageStage(Stage):
+    """Priority, category and summary (`CallTriager`)."""
+
+    name = "triage"
+    module_class = CallTriager
+    signature = TriageCall
+    program_file = "triager.json"
+
+
+class ExtractDetailsStage(Stage):
+    """Location and subject description (`DetailExtractor`)."""
+
+    name = "extract_details"
+    module_class = DetailExtractor
+    signature = ExtractDetails
+    program_file = "detail_extractor.json"
+    may_be_empty = frozenset({"location", "subject_description"})
