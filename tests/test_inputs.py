@@ -1,0 +1,98 @@
+"""Input reading: formats, deterministic ids, per-row problems, one-line file errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from triage.errors import InputError
+from triage.inputs import check_input_file, count_rows, read_rows, resolve_input_files
+
+
+def rows_of(path: Path) -> list[dict]:
+    return list(read_rows(path))
+
+
+def test_jsonl_keeps_given_ids_and_numbers_the_rest(tmp_path):
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps({"call_id": "A-1", "transcript": "fire"}) + "\n\n" +
+                    json.dumps({"transcript": "help"}) + "\n")
+    rows = rows_of(path)
+    assert [r["call_id"] for r in rows] == ["A-1", "calls.jsonl:2"]
+    assert [r["transcript"] for r in rows] == ["fire", "help"]
+    assert rows_of(path) == rows  # a rerun gives the same ids
+
+
+def test_jsonl_bad_lines_become_row_errors_and_the_rest_is_kept(tmp_path):
+    path = tmp_path / "calls.jsonl"
+    path.write_bytes(b'{"transcript": "one"}\n{not json\n"just a string"\n{"transcript": "caf\xe9 \xff"}\n'
+                     b'{"transcript": "  "}\n{"transcript": 42}\n{"transcript": null}\n{"transcript": "last"}\n')
+    rows = rows_of(path)
+    assert len(rows) == 8
+    problems = [r["input_error"] for r in rows]
+    assert problems[0] is None and problems[-1] is None
+    assert problems[1].startswith("line 2: invalid JSON")
+    assert problems[2] == "line 3: expected a JSON object, got str"
+    assert problems[3] == "line 4: not valid UTF-8"
+    assert problems[4] == "empty transcript"
+    assert problems[5] == "transcript is not text (int)"
+    assert problems[6] == "missing transcript"
+    assert rows[-1]["transcript"] == "last"
+
+
+def test_csv_parquet_and_text(tmp_path):
+    csv_path = tmp_path / "a.csv"
+    pd.DataFrame({"call_id": ["x", None], "transcript": ["smoke, lots of it", "dog barking\nall night"]}).to_csv(
+        csv_path, index=False)
+    assert [(r["call_id"], r["transcript"]) for r in rows_of(csv_path)] == [
+        ("x", "smoke, lots of it"), ("a.csv:2", "dog barking\nall night")]
+
+    parquet_path = tmp_path / "b.parquet"
+    pd.DataFrame({"transcript": ["one", "two"], "other": [1, 2]}).to_parquet(parquet_path)
+    assert [(r["call_id"], r["transcript"]) for r in rows_of(parquet_path)] == [("b.parquet:1", "one"),
+                                                                                ("b.parquet:2", "two")]
+    text_path = tmp_path / "c.txt"
+    text_path.write_text("first call\n\nsecond call\n")
+    assert [(r["call_id"], r["transcript"]) for r in rows_of(text_path)] == [("c.txt:1", "first call"),
+                                                                             ("c.txt:2", "second call")]
+    assert count_rows([csv_path, parquet_path, text_path]) == 6
+
+
+def test_folder_and_glob(tmp_path):
+    (tmp_path / "b.txt").write_text("x\n")
+    (tmp_path / "a.jsonl").write_text('{"transcript": "y"}\n')
+    (tmp_path / "notes.md").write_text("ignored")
+    assert [p.name for p in resolve_input_files(str(tmp_path))] == ["a.jsonl", "b.txt"]
+    assert [p.name for p in resolve_input_files(str(tmp_path / "*.txt"))] == ["b.txt"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: str(d / "missing.jsonl"), "does not exist"),
+        (lambda d: (d / "x.xlsx").write_text("x") and str(d / "x.xlsx"), "unsupported format '.xlsx'"),
+        (lambda d: str(d / "*.csv"), "matches no files"),
+    ],
+)
+def test_unreadable_inputs_are_one_line_errors(tmp_path, setup, message):
+    with pytest.raises(InputError, match=message) as info:
+        resolve_input_files(setup(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_transcript_column_is_a_file_error(tmp_path):
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_text("id,text\n1,hello\n")
+    with pytest.raises(InputError, match="no 'transcript' column"):
+        check_input_file(csv_path)
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"text": "hello"}\n')
+    with pytest.raises(InputError, match="no 'transcript' field"):
+        check_input_file(jsonl)
+    parquet = tmp_path / "a.parquet"
+    pd.DataFrame({"text": ["x"]}).to_parquet(parquet)
+    with pytest.raises(InputError, match="no 'transcript' column"):
+        check_input_file(parquet)
