@@ -38,8 +38,13 @@ class ScriptedEngine:
         if isinstance(answer, BaseException):
             raise answer
         text = chat_answer(answer) if isinstance(answer, dict) else answer
-        return Response(id=None, model="scripted", message=Message.assistant([TextPart(text)]), finish_reason="stop",
-                        usage=Usage(input_tokens=11, output_tokens=7, total_tokens=18))
+        return Response(
+            id=None,
+            model="scripted",
+            message=Message.assistant([TextPart(text)]),
+            finish_reason="stop",
+            usage=Usage(input_tokens=11, output_tokens=7, total_tokens=18),
+        )
 
     def stream(self, request: Request):
         return response_to_events(self.complete(request))
@@ -73,7 +78,7 @@ def transcript_of(request: Request) -> str:
     """The transcript inside a ChatAdapter request."""
     text = last_user_text(request)
     start = text.index("[[ ## transcript ## ]]\n") + len("[[ ## transcript ## ]]\n")
-    return text[start:text.rindex("\n\nRespond with")]
+    return text[start : text.rindex("\n\nRespond with")]
 
 
 def fields_for(kind: str, **values: Any) -> dict[str, str]:

@@ -18,8 +18,9 @@ def rows_of(path: Path) -> list[dict]:
 
 def test_jsonl_keeps_given_ids_and_numbers_the_rest(tmp_path):
     path = tmp_path / "calls.jsonl"
-    path.write_text(json.dumps({"call_id": "A-1", "transcript": "fire"}) + "\n\n" +
-                    json.dumps({"transcript": "help"}) + "\n")
+    path.write_text(
+        json.dumps({"call_id": "A-1", "transcript": "fire"}) + "\n\n" + json.dumps({"transcript": "help"}) + "\n"
+    )
     rows = rows_of(path)
     assert [r["call_id"] for r in rows] == ["A-1", "calls.jsonl:2"]
     assert [r["transcript"] for r in rows] == ["fire", "help"]
@@ -28,8 +29,10 @@ def test_jsonl_keeps_given_ids_and_numbers_the_rest(tmp_path):
 
 def test_jsonl_bad_lines_become_row_errors_and_the_rest_is_kept(tmp_path):
     path = tmp_path / "calls.jsonl"
-    path.write_bytes(b'{"transcript": "one"}\n{not json\n"just a string"\n{"transcript": "caf\xe9 \xff"}\n'
-                     b'{"transcript": "  "}\n{"transcript": 42}\n{"transcript": null}\n{"transcript": "last"}\n')
+    path.write_bytes(
+        b'{"transcript": "one"}\n{not json\n"just a string"\n{"transcript": "caf\xe9 \xff"}\n'
+        b'{"transcript": "  "}\n{"transcript": 42}\n{"transcript": null}\n{"transcript": "last"}\n'
+    )
     rows = rows_of(path)
     assert len(rows) == 8
     problems = [r["input_error"] for r in rows]
@@ -46,18 +49,25 @@ def test_jsonl_bad_lines_become_row_errors_and_the_rest_is_kept(tmp_path):
 def test_csv_parquet_and_text(tmp_path):
     csv_path = tmp_path / "a.csv"
     pd.DataFrame({"call_id": ["x", None], "transcript": ["smoke, lots of it", "dog barking\nall night"]}).to_csv(
-        csv_path, index=False)
+        csv_path, index=False
+    )
     assert [(r["call_id"], r["transcript"]) for r in rows_of(csv_path)] == [
-        ("x", "smoke, lots of it"), ("a.csv:2", "dog barking\nall night")]
+        ("x", "smoke, lots of it"),
+        ("a.csv:2", "dog barking\nall night"),
+    ]
 
     parquet_path = tmp_path / "b.parquet"
     pd.DataFrame({"transcript": ["one", "two"], "other": [1, 2]}).to_parquet(parquet_path)
-    assert [(r["call_id"], r["transcript"]) for r in rows_of(parquet_path)] == [("b.parquet:1", "one"),
-                                                                                ("b.parquet:2", "two")]
+    assert [(r["call_id"], r["transcript"]) for r in rows_of(parquet_path)] == [
+        ("b.parquet:1", "one"),
+        ("b.parquet:2", "two"),
+    ]
     text_path = tmp_path / "c.txt"
     text_path.write_text("first call\n\nsecond call\n")
-    assert [(r["call_id"], r["transcript"]) for r in rows_of(text_path)] == [("c.txt:1", "first call"),
-                                                                             ("c.txt:2", "second call")]
+    assert [(r["call_id"], r["transcript"]) for r in rows_of(text_path)] == [
+        ("c.txt:1", "first call"),
+        ("c.txt:2", "second call"),
+    ]
     assert count_rows([csv_path, parquet_path, text_path]) == 6
 
 

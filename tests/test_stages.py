@@ -18,13 +18,23 @@ from triage.stages import ExtractDetailsStage, ProgramSource, StageConfig, Triag
 
 def make_batch(transcripts: list[str | None], errors: list[str | None] | None = None) -> pa.Table:
     n = len(transcripts)
-    return pa.table({
-        "call_id": [f"c{i}" for i in range(n)], "transcript": transcripts,
-        "priority": [None] * n, "category": [None] * n, "summary": [None] * n, "location": [None] * n,
-        "subject_description": [None] * n, "errors": errors or [None] * n, "model": ["m"] * n,
-        "prompt_tokens": [0] * n, "completion_tokens": [0] * n,
-        "triaged_at": [datetime(2020, 1, 1, tzinfo=UTC)] * n,
-    }, schema=OUTPUT_SCHEMA)
+    return pa.table(
+        {
+            "call_id": [f"c{i}" for i in range(n)],
+            "transcript": transcripts,
+            "priority": [None] * n,
+            "category": [None] * n,
+            "summary": [None] * n,
+            "location": [None] * n,
+            "subject_description": [None] * n,
+            "errors": errors or [None] * n,
+            "model": ["m"] * n,
+            "prompt_tokens": [0] * n,
+            "completion_tokens": [0] * n,
+            "triaged_at": [datetime(2020, 1, 1, tzinfo=UTC)] * n,
+        },
+        schema=OUTPUT_SCHEMA,
+    )
 
 
 def make_stage(stage_class, script, *, settings: Settings | None = None, sleeps: list[float] | None = None):
@@ -34,8 +44,9 @@ def make_stage(stage_class, script, *, settings: Settings | None = None, sleeps:
         if sleeps is not None:
             sleeps.append(seconds)
 
-    config = StageConfig(settings=settings or Settings(model="scripted/test"), program=ProgramSource(None, "default"),
-                         in_flight=4)
+    config = StageConfig(
+        settings=settings or Settings(model="scripted/test"), program=ProgramSource(None, "default"), in_flight=4
+    )
     return stage_class(config, lm_setup=LMSetup(lm, ChatAdapter), sleep=fake_sleep), engine
 
 
@@ -75,8 +86,11 @@ def test_invalid_answer_is_asked_again_with_the_reason():
 
 
 def test_empty_required_field_is_invalid_but_empty_location_is_fine():
-    stage, _ = make_stage(TriageStage, lambda r: fields_for("triage", summary="  "),
-                          settings=Settings(model="scripted/test", validation_attempts=2))
+    stage, _ = make_stage(
+        TriageStage,
+        lambda r: fields_for("triage", summary="  "),
+        settings=Settings(model="scripted/test", validation_attempts=2),
+    )
     rows = run_stage(stage, make_batch(["hello"]))
     assert rows[0]["summary"] is None and "`summary` is empty" in rows[0]["errors"]
 
@@ -114,8 +128,9 @@ def test_transient_errors_give_up_after_max_retries_with_a_redacted_error():
     key = "sk-test-0123456789abcdef"
     settings = Settings(model="scripted/test", max_retries=2, api_key=Secret(key))
     sleeps: list[float] = []
-    stage, engine = make_stage(TriageStage, lambda r: ServerError(f"upstream said no to key {key}"),
-                               settings=settings, sleeps=sleeps)
+    stage, engine = make_stage(
+        TriageStage, lambda r: ServerError(f"upstream said no to key {key}"), settings=settings, sleeps=sleeps
+    )
     rows = run_stage(stage, make_batch(["fire"]))
     assert len(engine.requests) == 3 and len(sleeps) == 2
     assert rows[0]["errors"].startswith("triage: LMServerError") or rows[0]["errors"].startswith("triage: ")
@@ -162,8 +177,9 @@ def test_optimized_program_state_is_loaded(tmp_path):
     assert "sha256" in source.label and source.state is not None
 
     lm, engine = scripted_lm(lambda r: fields_for("triage"))
-    stage = TriageStage(StageConfig(settings=Settings(model="scripted/test"), program=source),
-                        lm_setup=LMSetup(lm, ChatAdapter))
+    stage = TriageStage(
+        StageConfig(settings=Settings(model="scripted/test"), program=source), lm_setup=LMSetup(lm, ChatAdapter)
+    )
     asyncio.run(stage(make_batch(["smoke"])))
     system = engine.requests[0].system
     system_text = system if isinstance(system, str) else "".join(p.text for p in system)

@@ -17,14 +17,22 @@ RUN_FLAGS = ("input", "output", "model", "api_base", "optimized_dir", "concurren
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m triage", description="Triage 911-call transcripts with DSPy.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="triage transcripts into a Parquet dataset",
-                              description="Each flag can also be set as an environment variable or in .env.")
+    run = commands.add_parser(
+        "run",
+        help="triage transcripts into a Parquet dataset",
+        description="Each flag can also be set as an environment variable or in .env.",
+    )
     helps = {name: (env, text, default) for name, env, text, default in setting_help()}
     for name in RUN_FLAGS:
         env, text, default = helps[name]
         kind = int if name in ("concurrency", "limit") else str
-        run.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                         help=f"{text} [{env}; default: {default}]")
+        run.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"{text} [{env}; default: {default}]",
+        )
     run.add_argument("--verbose", action="store_true", help="show Ray's and DSPy's own logs")
     return parser
 
@@ -48,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             secrets.append(settings.api_key.reveal())
         from triage.pipeline import run
 
-        summary = run(settings)
+        summary = run(settings, verbose=args.verbose)
     except TriageError as exc:
         print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
         return 2

@@ -24,7 +24,14 @@ import pyarrow.parquet as pq
 
 from triage.errors import InputError
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 TRANSCRIPT = "transcript"
 CALL_ID = "call_id"
 
@@ -60,8 +67,9 @@ def _format_of(path: Path) -> str:
     try:
         return FORMATS[path.suffix.lower()]
     except KeyError:
-        raise InputError(f"input {path}: unsupported format {path.suffix or '(no extension)'!r}; "
-                         f"use one of {_format_list()}") from None
+        raise InputError(
+            f"input {path}: unsupported format {path.suffix or '(no extension)'!r}; use one of {_format_list()}"
+        ) from None
 
 
 def check_input_file(path: Path) -> None:
@@ -93,8 +101,7 @@ def _check_first_json_record(path: Path) -> None:
             except json.JSONDecodeError:
                 return  # reported per line while reading
             if isinstance(first, dict) and TRANSCRIPT not in first:
-                raise InputError(f"input {path}: first record has no '{TRANSCRIPT}' field "
-                                 f"(fields: {', '.join(first)})")
+                raise InputError(f"input {path}: first record has no '{TRANSCRIPT}' field (fields: {', '.join(first)})")
             return
 
 
@@ -118,7 +125,11 @@ def _record(path: Path, number: int, raw: dict[str, Any] | None, problem: str | 
         call_id = f"{path.name}:{number}"
     transcript = raw.get(TRANSCRIPT)
     problem = problem or transcript_problem(transcript)
-    return {CALL_ID: str(call_id), TRANSCRIPT: transcript if isinstance(transcript, str) else None, "input_error": problem}
+    return {
+        CALL_ID: str(call_id),
+        TRANSCRIPT: transcript if isinstance(transcript, str) else None,
+        "input_error": problem,
+    }
 
 
 def transcript_problem(transcript: Any) -> str | None:

@@ -14,6 +14,8 @@ import dspy
 
 from triage.settings import Settings
 
+NO_KEY = "no-key"
+
 
 @dataclass(frozen=True)
 class LMSetup:
@@ -70,5 +72,7 @@ def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = 
         kwargs["api_base"] = settings.api_base
     if settings.api_key is not None:
         kwargs["api_key"] = settings.api_key.reveal()
+    elif settings.api_base:
+        kwargs["api_key"] = NO_KEY  # self-hosted servers (vLLM, llama.cpp) often need none; DSPy insists on one
     lm = dspy.LM(settings.model, cache=settings.cache, num_retries=num_retries, **kwargs)
     return LMSetup(lm, ChatAdapter)

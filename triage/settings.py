@@ -53,8 +53,12 @@ def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
 class Settings:
     """What a run needs to know. Each field names its environment variable."""
 
-    input: str = _setting("data/calls.jsonl", "TRIAGE_INPUT", "input file, folder or glob (.jsonl .json .csv .parquet .txt)")
-    output: str = _setting("output/triaged_calls", "TRIAGE_OUTPUT", "output Parquet folder (replaced at the end of a run)")
+    input: str = _setting(
+        "data/calls.jsonl", "TRIAGE_INPUT", "input file, folder or glob (.jsonl .json .csv .parquet .txt)"
+    )
+    output: str = _setting(
+        "output/triaged_calls", "TRIAGE_OUTPUT", "output Parquet folder (replaced at the end of a run)"
+    )
     model: str = _setting(DEFAULT_MODEL, "TRIAGE_MODEL", "DSPy model string, e.g. openai/gpt-4.1-mini")
     api_base: str | None = _setting(None, "TRIAGE_API_BASE", "base URL of an OpenAI-compatible server")
     api_key: Secret | None = _setting(
@@ -70,8 +74,10 @@ class Settings:
 
     def describe(self) -> dict[str, Any]:
         """The settings as plain values, secrets masked: safe to log or write to a manifest."""
-        return {f.name: ("****" if f.metadata["secret"] and getattr(self, f.name) else getattr(self, f.name))
-                for f in fields(self)}
+        return {
+            f.name: ("****" if f.metadata["secret"] and getattr(self, f.name) else getattr(self, f.name))
+            for f in fields(self)
+        }
 
     @property
     def provider(self) -> str:

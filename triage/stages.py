@@ -104,7 +104,9 @@ def literal_choices(annotation: Any) -> tuple[str, ...] | None:
     return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
 
 
-def validation_problems(values: dict[str, Any], signature: type[dspy.Signature], may_be_empty: frozenset[str]) -> list[str]:
+def validation_problems(
+    values: dict[str, Any], signature: type[dspy.Signature], may_be_empty: frozenset[str]
+) -> list[str]:
     """What is wrong with an answer: a missing field, an empty one, a value outside its Literal set."""
     problems = []
     for name, field in signature.output_fields.items():
@@ -192,7 +194,9 @@ class Stage:
                 if not problems:
                     return values
             feedback = self._feedback(problems)
-        raise InvalidAnswer(f"no valid answer after {self.settings.validation_attempts} attempts: {'; '.join(problems)}")
+        raise InvalidAnswer(
+            f"no valid answer after {self.settings.validation_attempts} attempts: {'; '.join(problems)}"
+        )
 
     async def _request(self, transcript: str, adapter: dspy.ChatAdapter) -> dspy.Prediction:
         retrying = AsyncRetrying(
@@ -240,8 +244,9 @@ class Stage:
         )
         for name in ("prompt_tokens", "completion_tokens"):
             spent = [getattr(o, name) for o in outcomes]
-            columns[name] = pa.array([old + new for old, new in zip(batch.column(name).to_pylist(), spent, strict=True)],
-                                     pa.int64())
+            columns[name] = pa.array(
+                [old + new for old, new in zip(batch.column(name).to_pylist(), spent, strict=True)], pa.int64()
+            )
         now = datetime.now(UTC)
         columns["triaged_at"] = pa.array([now] * len(outcomes), pa.timestamp("us", tz="UTC"))
         return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
