@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from triage.errors import InputError
-from triage.inputs import check_input_file, count_rows, read_rows, resolve_input_files
+from triage.inputs import check_input_file, read_rows, resolve_input_files, scan_inputs
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -43,6 +43,7 @@ def test_jsonl_bad_lines_become_row_errors_and_the_rest_is_kept(tmp_path):
     assert problems[4] == "empty transcript"
     assert problems[5] == "transcript is not text (int)"
     assert problems[6] == "missing transcript"
+    assert all(r["transcript"] is None for r, p in zip(rows, problems, strict=True) if p)  # nothing to triage
     assert rows[-1]["transcript"] == "last"
 
 
@@ -68,7 +69,7 @@ def test_csv_parquet_and_text(tmp_path):
         ("c.txt:1", "first call"),
         ("c.txt:2", "second call"),
     ]
-    assert count_rows([csv_path, parquet_path, text_path]) == 6
+    assert scan_inputs([csv_path, parquet_path, text_path]).rows == 6
 
 
 def test_folder_and_glob(tmp_path):
@@ -106,3 +107,14 @@ def test_missing_transcript_column_is_a_file_error(tmp_path):
     pd.DataFrame({"text": ["x"]}).to_parquet(parquet)
     with pytest.raises(InputError, match="no 'transcript' column"):
         check_input_file(parquet)
+
+
+def test_duplicate_ids_are_made_unique_on_every_occurrence(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text('{"call_id": "X", "transcript": "one"}\n{"call_id": "Y", "transcript": "two"}\n')
+    second.write_text('{"call_id": "X", "transcript": "three"}\n{"transcript": "four"}\n')
+    scan = scan_inputs([first, second])
+    assert scan.duplicates == {"X"}
+    assert scan.call_ids == ["X@a.jsonl:1", "Y", "X@b.jsonl:1", "b.jsonl:2"]
+    assert [r["call_id"] for f in (first, second) for r in read_rows(f, scan.duplicates)] == scan.call_ids
+    assert scan_inputs([first, second], limit=2).call_ids == ["X@a.jsonl:1", "Y"]

@@ -7,13 +7,14 @@ another row's answer shows. Faults are injected at a few percent of requests.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tests.fake_provider import FakeProvider, expected_answer
+from tests.fake_provider import FakeProvider, expected_answer, transcript_key
 from triage.schema import OUTPUT_SCHEMA
 from triage.settings import Secret, Settings
 
@@ -64,21 +65,23 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
         summary = run(settings)
         stats = provider.stats()
 
-    assert (summary.rows_in, summary.rows_out, summary.rows_with_errors) == (60, 60, 2)
-    assert pq.read_schema(next(output.glob("*.parquet"))) == OUTPUT_SCHEMA
+    assert (summary.rows_in, summary.skipped, summary.triaged) == (60, 0, 60)
+    assert (summary.rows_out, summary.rows_with_errors) == (60, 2)
+    assert all(pq.read_schema(part) == OUTPUT_SCHEMA for part in output.glob("*.parquet"))
     frame = pd.read_parquet(output)
     assert sorted(frame["call_id"]) == ids  # every input row exactly once
     assert stats["outcomes"]["429"] > 0 and stats["outcomes"]["500"] > 0 and stats["outcomes"]["malformed"] > 0
 
     for row in frame.itertuples():
         transcript = transcripts[int(row.call_id.split("-")[1])]
-        assert row.transcript == transcript
         if row.call_id == "call-010":
             assert row.errors.startswith("triage: InvalidAnswer") and "extract_details: InvalidAnswer" in row.errors
             assert all(pd.isna(getattr(row, f)) for f in FIELDS)
         elif row.call_id == "call-020":
             assert row.errors == "input: empty transcript" and row.prompt_tokens == 0
+            assert pd.isna(row.transcript)
         else:
+            assert row.transcript == transcript
             expected = expected_answer(transcript)
             assert pd.isna(row.errors), row.errors
             assert {f: getattr(row, f) for f in FIELDS} == {f: expected[f] for f in FIELDS}
@@ -87,20 +90,38 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
     assert "sk-e2e-secret-000111" not in frame.to_csv()
 
 
-def test_rerun_replaces_the_output_and_limit_is_honoured(tmp_path, ray_local):
-    write_calls(tmp_path / "calls.jsonl", [f"call about thing {i}" for i in range(12)])
+def test_rerun_resumes_limit_is_honoured_and_overwrite_starts_afresh(tmp_path, ray_local):
+    transcripts = [f"call about thing {i}" for i in range(12)]
+    write_calls(tmp_path / "calls.jsonl", transcripts)
     output = tmp_path / "out"
     from triage.pipeline import run
 
     with FakeProvider() as provider:
-        base = Settings(
-            input=str(tmp_path / "calls.jsonl"),
-            output=str(output),
-            model="openai/fake",
-            api_base=provider.url,
-            concurrency=4,
-        )
-        assert run(base).rows_out == 12
-        summary = run(Settings(**{**base.__dict__, "limit": 5}))
-    assert (summary.rows_in, summary.rows_out) == (5, 5)
-    assert len(pd.read_parquet(output)) == 5
+        base = Settings(input=str(tmp_path / "calls.jsonl"), output=str(output), model="openai/fake",
+                        api_base=provider.url, concurrency=4, cache=False)
+        first = run(replace(base, limit=5))
+        assert (first.rows_in, first.skipped, first.triaged, first.rows_out) == (5, 0, 5, 5)
+        provider.reset_stats()
+        second = run(base)
+        assert (second.rows_in, second.skipped, second.triaged, second.rows_out) == (12, 5, 7, 12)
+        asked = provider.stats()["per_transcript"]
+        assert sorted(asked) == sorted(transcript_key(t) for t in transcripts[5:])  # done rows not sent again
+        third = run(base)
+        assert (third.skipped, third.triaged, third.rows_out) == (12, 0, 12)
+        fourth = run(replace(base, overwrite=True, limit=3))
+        assert (fourth.skipped, fourth.triaged, fourth.rows_out) == (0, 3, 3)
+    frame = pd.read_parquet(output)
+    assert sorted(frame["call_id"]) == ["call-000", "call-001", "call-002"]
+
+
+def test_output_folder_with_foreign_files_is_refused(tmp_path):
+    from triage.errors import ConfigError
+    from triage.pipeline import run
+
+    (tmp_path / "calls.jsonl").write_text('{"transcript": "x"}\n')
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.docx").write_text("precious")
+    with pytest.raises(ConfigError, match="holds files that are not this dataset's"):
+        run(Settings(input=str(tmp_path / "calls.jsonl"), output=str(tmp_path / "out"), model="openai/x",
+                     api_base="http://127.0.0.1:9/v1"))
+    assert (tmp_path / "out" / "thesis.docx").read_text() == "precious"

@@ -139,7 +139,7 @@ def test_transient_errors_give_up_after_max_retries_with_a_redacted_error():
 
 def test_rows_with_input_errors_cost_no_lm_call():
     stage, engine = make_stage(TriageStage, lambda r: fields_for("triage"))
-    rows = run_stage(stage, make_batch(["   ", "real call"], errors=["input: empty transcript", None]))
+    rows = run_stage(stage, make_batch([None, "real call"], errors=["input: empty transcript", None]))
     assert len(engine.requests) == 1
     assert rows[0]["errors"] == "input: empty transcript" and rows[0]["priority"] is None
     assert rows[0]["prompt_tokens"] == 0

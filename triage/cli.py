@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{text} [{env}; default: {default}]",
         )
+    run.add_argument("--overwrite", action="store_true", default=None,
+                     help="start the output afresh instead of resuming it [TRIAGE_OVERWRITE]")
     run.add_argument("--verbose", action="store_true", help="show Ray's and DSPy's own logs")
     return parser
 
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     secrets: list[str] = []
     try:
-        settings = resolve_settings({name: getattr(args, name) for name in RUN_FLAGS})
+        settings = resolve_settings({name: getattr(args, name) for name in (*RUN_FLAGS, "overwrite")})
         if settings.api_key is not None:
             secrets.append(settings.api_key.reveal())
         from triage.pipeline import run

@@ -7,7 +7,8 @@ A file that cannot be read at all (missing, unknown format, no `transcript` colu
 an `InputError` raised before any work starts.
 
 Rows without a `call_id` get `<file name>:<row number>` (1-based), so a rerun over the
-same files gives the same ids.
+same files gives the same ids. A `call_id` given to more than one row is made unique on every
+such row as `<call_id>@<file name>:<row number>` (`scan_inputs` finds them first).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import glob
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,26 +112,59 @@ def _open_text(path: Path) -> io.TextIOWrapper:
     return open(path, encoding="utf-8", errors="replace", newline="")
 
 
-def read_rows(path: Path) -> Iterator[Record]:
-    """Yield one record per row of `path`, in file order, without holding the file in memory."""
+def read_rows(path: Path, duplicates: frozenset[str] | set[str] = frozenset()) -> Iterator[Record]:
+    """Yield one record per row of `path`, in file order, without holding the file in memory.
+
+    `duplicates` are call_ids that appear more than once in the whole input.
+    """
     fmt = _format_of(path)
     reader = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows, "text": _text_rows}[fmt]
     for number, (raw, problem) in enumerate(reader(path), start=1):
-        yield _record(path, number, raw, problem)
+        yield _record(path, number, raw, problem, duplicates)
 
 
-def _record(path: Path, number: int, raw: dict[str, Any] | None, problem: str | None) -> Record:
+@dataclass(frozen=True)
+class InputScan:
+    """What the driver learns from one streamed pass over the input: ids only, never transcripts."""
+
+    rows: int
+    duplicates: frozenset[str]
+    call_ids: list[str]  # final ids of the rows a run covers (the first `limit` rows), in input order
+
+
+def scan_inputs(files: list[Path], limit: int | None = None) -> InputScan:
+    seen: set[str] = set()
+    duplicates: set[str] = set()
+    located: list[tuple[str, str, int]] = []
+    for file in files:
+        for number, record in enumerate(read_rows(file), start=1):
+            call_id = record[CALL_ID]
+            (duplicates if call_id in seen else seen).add(call_id)
+            if limit is None or len(located) < limit:
+                located.append((call_id, file.name, number))
+    call_ids = [
+        _unique_id(call_id, name, number) if call_id in duplicates else call_id for call_id, name, number in located
+    ]
+    return InputScan(rows=len(located), duplicates=frozenset(duplicates), call_ids=call_ids)
+
+
+def _unique_id(call_id: str, file_name: str, number: int) -> str:
+    return f"{call_id}@{file_name}:{number}"
+
+
+def _record(
+    path: Path, number: int, raw: dict[str, Any] | None, problem: str | None, duplicates: frozenset[str] | set[str]
+) -> Record:
     raw = raw or {}
     call_id = raw.get(CALL_ID)
     if call_id is None or (isinstance(call_id, float) and call_id != call_id) or str(call_id).strip() == "":
         call_id = f"{path.name}:{number}"
+    elif str(call_id) in duplicates:
+        call_id = _unique_id(str(call_id), path.name, number)
     transcript = raw.get(TRANSCRIPT)
     problem = problem or transcript_problem(transcript)
-    return {
-        CALL_ID: str(call_id),
-        TRANSCRIPT: transcript if isinstance(transcript, str) else None,
-        "input_error": problem,
-    }
+    # A row with a problem keeps no transcript: that is what tells the stages to skip it.
+    return {CALL_ID: str(call_id), TRANSCRIPT: None if problem else transcript, "input_error": problem}
 
 
 def transcript_problem(transcript: Any) -> str | None:
@@ -188,8 +223,3 @@ def _text_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]
                 yield {TRANSCRIPT: text.decode("utf-8")}, None
             except UnicodeDecodeError:
                 yield None, f"line {number}: not valid UTF-8"
-
-
-def count_rows(files: list[Path]) -> int:
-    """Rows the reader will produce, streamed (used for the run summary)."""
-    return sum(1 for file in files for _ in read_rows(file))

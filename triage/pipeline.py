@@ -1,9 +1,10 @@
 """The run: read -> triage stage -> details stage -> write, streamed through Ray Data.
 
-The driver lists the input files and checks their headers; reading, both stages and the
+The driver lists the input files, checks their headers, and streams once over the rows to
+learn their call_ids (ids only: duplicates, rows already done). Reading, both stages and the
 Parquet writer run as streaming Ray tasks and actor pools, so the driver never holds the
-dataset. The dataset is written to a temporary folder beside the output and moved into
-place at the end: a failed run leaves the previous output as it was.
+transcripts. Output is committed in whole part files (`triage.sink`): a run killed at any
+moment is resumed by running it again.
 """
 
 from __future__ import annotations
@@ -11,22 +12,20 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from triage.errors import ConfigError
-from triage.inputs import check_input_file, count_rows, read_rows, resolve_input_files
+from triage.inputs import InputScan, check_input_file, read_rows, resolve_input_files, scan_inputs
 from triage.local_model import is_local_model
 from triage.schema import OUTPUT_SCHEMA
 from triage.settings import PROVIDER_KEY_VARIABLES, Settings
+from triage.sink import AtomicParquetSink, completed_ids, prepare_output_folder, read_output
 from triage.stages import INPUT_ERROR_PREFIX, ExtractDetailsStage, ProgramSource, Stage, StageConfig, TriageStage
 
 logger = logging.getLogger("triage")
@@ -39,14 +38,19 @@ WORKER_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": 
 @dataclass(frozen=True)
 class RunSummary:
     rows_in: int
+    skipped: int
+    triaged: int
     rows_out: int
     rows_with_errors: int
+    duplicates: int
     seconds: float
     output: str
 
     def line(self) -> str:
+        duplicates = f", {self.duplicates} duplicate call_ids made unique" if self.duplicates else ""
         return (
-            f"{self.rows_in} rows in, {self.rows_out} rows out, {self.rows_with_errors} with errors, "
+            f"{self.rows_in} rows in, {self.skipped} skipped as already done, {self.triaged} triaged, "
+            f"{self.rows_out} rows out, {self.rows_with_errors} with errors{duplicates}, "
             f"{self.seconds:.1f}s -> {self.output}"
         )
 
@@ -86,33 +90,38 @@ def plan_pools(settings: Settings, cpus: float) -> list[PoolPlan]:
     return plans
 
 
-def _read_file(item: dict[str, Any], *, model: str) -> list[dict[str, Any]]:
+def _read_file(item: dict[str, Any], *, model: str, duplicates: Any) -> list[dict[str, Any]]:
+    import ray
+
+    duplicate_ids = ray.get(duplicates)
     rows = []
-    for record in read_rows(Path(item["path"])):
-        problem = record.pop("input_error")
+    for record in read_rows(Path(item["path"]), duplicate_ids):
+        problem = record["input_error"]
         rows.append(
             {
                 "call_id": record["call_id"],
                 "transcript": record["transcript"],
                 "errors": f"{INPUT_ERROR_PREFIX}{problem}" if problem else None,
                 "model": model,
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
             }
         )
     return rows
 
 
-def _to_output_schema(batch: pa.Table) -> pa.Table:
-    columns = []
-    for field in OUTPUT_SCHEMA:
-        if field.name in batch.column_names:
-            columns.append(batch.column(field.name).cast(field.type))
-        elif field.name == "triaged_at":
-            columns.append(pa.array([datetime.now(UTC)] * batch.num_rows, field.type))
-        else:
-            columns.append(pa.nulls(batch.num_rows, field.type))
-    return pa.table(columns, schema=OUTPUT_SCHEMA)
+def _prepare(batch: pa.Table, *, done: Any, max_chars: int) -> pa.Table:
+    """Drop rows finished by an earlier run, cut overlong transcripts, and give the batch the output schema."""
+    import ray
+
+    done_ids = ray.get(done)
+    rows = [row for row in batch.to_pylist() if row["call_id"] not in done_ids]
+    now = datetime.now(UTC)
+    for row in rows:
+        transcript = row["transcript"]
+        if transcript is not None and len(transcript) > max_chars:
+            row["transcript"] = transcript[:max_chars]
+            row["errors"] = f"{INPUT_ERROR_PREFIX}transcript cut to {max_chars} of {len(transcript)} characters"
+        row.update(prompt_tokens=0, completion_tokens=0, triaged_at=now)
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 
 def init_ray(settings: Settings, *, verbose: bool = False) -> None:
@@ -148,18 +157,47 @@ def init_ray(settings: Settings, *, verbose: bool = False) -> None:
 
 
 def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
-    """Triage every row of `settings.input` into a Parquet dataset at `settings.output`."""
+    """Triage every row of `settings.input` into the Parquet dataset at `settings.output`.
+
+    Rows whose call_id the output already holds are skipped (resume); `settings.overwrite`
+    starts the output afresh.
+    """
     started = time.monotonic()
-    output = Path(settings.output)
-    _check_replaceable(output)
     check_credentials(settings)
     files = resolve_input_files(settings.input)
     for file in files:
         check_input_file(file)
-    rows_in = count_rows(files)
-    if settings.limit is not None:
-        rows_in = min(rows_in, settings.limit)
+    output = Path(settings.output)
+    prepare_output_folder(output, overwrite=settings.overwrite)
+    scan = scan_inputs(files, settings.limit)
+    done = completed_ids(output)
+    skipped = sum(1 for call_id in scan.call_ids if call_id in done)
+    if scan.duplicates:
+        logger.warning(
+            "%d call_ids appear more than once in the input; each such row gets <call_id>@<file>:<row>",
+            len(scan.duplicates),
+        )
 
+    triaged = 0
+    if skipped < scan.rows:
+        triaged = _triage(settings, files, scan, done, verbose=verbose)
+
+    table = read_output(output, ["errors"])
+    errors = table.num_rows - table.column("errors").null_count
+    return RunSummary(
+        scan.rows,
+        skipped,
+        triaged,
+        table.num_rows,
+        errors,
+        len(scan.duplicates),
+        time.monotonic() - started,
+        str(output),
+    )
+
+
+def _triage(settings: Settings, files: list[Path], scan: InputScan, done: set[str], *, verbose: bool) -> int:
+    """Run the Ray Data pipeline; returns the rows written."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -167,11 +205,17 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     init_ray(settings, verbose=verbose)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     ds = ray.data.from_items([{"path": str(f.resolve())} for f in files], override_num_blocks=len(files))
-    ds = ds.flat_map(_read_file, fn_kwargs={"model": settings.model})
+    ds = ds.flat_map(_read_file, fn_kwargs={"model": settings.model, "duplicates": ray.put(scan.duplicates)})
     if settings.limit is not None:
         ds = ds.limit(settings.limit)
-    ds = ds.map_batches(_to_output_schema, batch_format="pyarrow", batch_size=None)
-    for stage, plan in zip(STAGES, plan_pools(settings, cpus), strict=True):
+    ds = ds.map_batches(
+        _prepare,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"done": ray.put(frozenset(done)), "max_chars": settings.max_transcript_chars},
+    )
+    plans = plan_pools(settings, cpus)
+    for stage, plan in zip(STAGES, plans, strict=True):
         program = ProgramSource.load(settings.optimized_dir, stage.program_file)
         logger.info(
             "%s stage: %d actor(s) x %d request(s) in flight, program %s",
@@ -189,22 +233,17 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
             compute=ActorPoolStrategy(size=plan.actors),
             num_cpus=plan.num_cpus,
         )
+    sink = AtomicParquetSink(settings.output, rows_per_file=rows_per_file(settings))
+    ds.write_datasink(sink)
+    return sink.rows_written
 
-    staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        ds.write_parquet(str(staging))
-        if not staging.exists():  # no rows: still leave a readable, empty dataset
-            staging.mkdir(parents=True)
-            import pyarrow.parquet as pq
 
-            pq.write_table(OUTPUT_SCHEMA.empty_table(), staging / "empty.parquet")
-        _replace_folder(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def rows_per_file(settings: Settings) -> int:
+    """Rows a part file collects before it is committed: what a crash can cost, at most, per writer.
 
-    table = pads.dataset(output, format="parquet", schema=OUTPUT_SCHEMA).to_table(columns=["errors"])
-    errors = table.num_rows - table.column("errors").null_count
-    return RunSummary(rows_in, table.num_rows, errors, time.monotonic() - started, str(output))
+    The embedded model takes seconds per row, so its files are committed after a few rows.
+    """
+    return 8 if is_local_model(settings.model) else 500
 
 
 def check_credentials(settings: Settings) -> None:
@@ -219,24 +258,3 @@ def check_credentials(settings: Settings) -> None:
         raise ConfigError(
             f"no API key for {settings.model}: set TRIAGE_API_KEY or {variable} in the environment or in .env"
         )
-
-
-def _check_replaceable(output: Path) -> None:
-    """Refuse to replace a folder that holds anything but a Parquet dataset (a typo must not delete data)."""
-    if output.is_file():
-        raise ConfigError(f"output {output} is a file; give a folder for the Parquet dataset")
-    if output.is_dir():
-        strangers = [p.name for p in output.iterdir() if p.suffix != ".parquet" and not p.name.startswith((".", "_"))]
-        if strangers:
-            raise ConfigError(
-                f"output folder {output} holds files that are not Parquet ({', '.join(strangers[:3])}); "
-                "choose another --output"
-            )
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -71,6 +71,10 @@ class Settings:
     validation_attempts: int = _setting(3, "TRIAGE_VALIDATION_ATTEMPTS", "tries to get an answer that validates")
     timeout: float = _setting(60.0, "TRIAGE_TIMEOUT", "seconds before one LM request times out")
     cache: bool = _setting(True, "TRIAGE_CACHE", "reuse DSPy's cache of identical LM requests")
+    overwrite: bool = _setting(False, "TRIAGE_OVERWRITE", "start the output afresh instead of resuming it")
+    max_transcript_chars: int = _setting(
+        20000, "TRIAGE_MAX_TRANSCRIPT_CHARS", "longer transcripts are cut to this length (noted in errors)"
+    )
 
     def describe(self) -> dict[str, Any]:
         """The settings as plain values, secrets masked: safe to log or write to a manifest."""
@@ -165,6 +169,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"TRIAGE_MAX_RETRIES must be 0 or more, got {settings.max_retries}")
     if settings.validation_attempts < 1:
         raise ConfigError(f"TRIAGE_VALIDATION_ATTEMPTS must be at least 1, got {settings.validation_attempts}")
+    if settings.max_transcript_chars < 1:
+        raise ConfigError(f"TRIAGE_MAX_TRANSCRIPT_CHARS must be at least 1, got {settings.max_transcript_chars}")
     if settings.timeout <= 0:
         raise ConfigError(f"TRIAGE_TIMEOUT must be positive, got {settings.timeout}")
     if "/" not in settings.model:

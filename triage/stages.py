@@ -5,6 +5,7 @@ Data flow (one place): every batch is an Arrow table with the output schema
 token counts, and `errors` for rows that cannot be triaged ("input: ..."). Each stage
 then fills its own output fields for every other row, adds the tokens it spent, stamps
 `triaged_at`, and appends its failure to `errors` ("triage: ...") leaving its fields null.
+Rows without a transcript (the reader's problem is in `errors`) are passed through untouched.
 Exactly one output row leaves a stage for each row that enters it, in the same order.
 
 A stage is a callable class: Ray Data builds it once per actor (the LM, the adapter and
@@ -160,8 +161,7 @@ class Stage:
         return self._merge(batch, outcomes)
 
     async def _triage_row(self, row: dict[str, Any]) -> RowOutcome:
-        errors = row["errors"]
-        if errors and errors.startswith(INPUT_ERROR_PREFIX):
+        if row["transcript"] is None:  # the reader found no usable transcript: no LM call
             return RowOutcome(values={})
         with track_usage() as usage:
             try:
