@@ -88,6 +88,14 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
             assert row.prompt_tokens > 0 and row.completion_tokens > 0
         assert row.model == "openai/fake"
     assert "sk-e2e-secret-000111" not in frame.to_csv()
+    manifest_text = (output / "_manifest.json").read_text()
+    assert "sk-e2e-secret-000111" not in manifest_text
+    manifest = json.loads(manifest_text)
+    assert manifest["rows"] == {"in": 60, "skipped_as_done": 0, "triaged": 60, "out": 60, "with_errors": 2,
+                                "errors_this_run": 2, "duplicate_call_ids": 0}
+    assert manifest["tokens"]["prompt"] == int(frame["prompt_tokens"].sum()) > 0
+    assert manifest["model"] == "openai/fake" and manifest["settings"]["api_key"] == "****"
+    assert manifest["programs"]["triage"].startswith("default prompts")
 
 
 def test_rerun_resumes_limit_is_honoured_and_overwrite_starts_afresh(tmp_path, ray_local):

@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from triage.errors import ConfigError
 from triage.inputs import InputScan, check_input_file, read_rows, resolve_input_files, scan_inputs
 from triage.local_model import is_local_model
+from triage.manifest import estimated_cost, now_iso, package_versions, write_manifest
+from triage.progress import Progress
 from triage.schema import OUTPUT_SCHEMA
 from triage.settings import PROVIDER_KEY_VARIABLES, Settings
-from triage.sink import AtomicParquetSink, completed_ids, prepare_output_folder, read_output
+from triage.sink import PartWriter, completed_ids, prepare_output_folder, read_output
 from triage.stages import INPUT_ERROR_PREFIX, ExtractDetailsStage, ProgramSource, Stage, StageConfig, TriageStage
 
 logger = logging.getLogger("triage")
@@ -160,9 +163,9 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     """Triage every row of `settings.input` into the Parquet dataset at `settings.output`.
 
     Rows whose call_id the output already holds are skipped (resume); `settings.overwrite`
-    starts the output afresh.
+    starts the output afresh. A manifest of the run is written beside the output.
     """
-    started = time.monotonic()
+    started, started_at = time.monotonic(), now_iso()
     check_credentials(settings)
     files = resolve_input_files(settings.input)
     for file in files:
@@ -173,31 +176,67 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     done = completed_ids(output)
     skipped = sum(1 for call_id in scan.call_ids if call_id in done)
     if scan.duplicates:
-        logger.warning(
-            "%d call_ids appear more than once in the input; each such row gets <call_id>@<file>:<row>",
-            len(scan.duplicates),
-        )
+        logger.warning("%d call_ids appear more than once in the input; each such row gets <call_id>@<file>:<row>",
+                       len(scan.duplicates))
 
-    triaged = 0
+    programs = {stage.name: ProgramSource.load(settings.optimized_dir, stage.program_file) for stage in STAGES}
+    tally = Tally()
     if skipped < scan.rows:
-        triaged = _triage(settings, files, scan, done, verbose=verbose)
+        tally = _triage(settings, files, scan, done, programs, verbose=verbose)
 
     table = read_output(output, ["errors"])
-    errors = table.num_rows - table.column("errors").null_count
-    return RunSummary(
-        scan.rows,
-        skipped,
-        triaged,
-        table.num_rows,
-        errors,
-        len(scan.duplicates),
-        time.monotonic() - started,
-        str(output),
-    )
+    summary = RunSummary(scan.rows, skipped, tally.rows, table.num_rows,
+                         table.num_rows - table.column("errors").null_count, len(scan.duplicates),
+                         time.monotonic() - started, str(output))
+    write_manifest(output, {
+        "input": settings.input,
+        "input_files": [str(f) for f in files],
+        "output": str(output),
+        "rows": {"in": summary.rows_in, "skipped_as_done": summary.skipped, "triaged": summary.triaged,
+                 "out": summary.rows_out, "with_errors": summary.rows_with_errors,
+                 "errors_this_run": tally.errors, "duplicate_call_ids": summary.duplicates},
+        "model": settings.model,
+        "programs": {name: source.label for name, source in programs.items()},
+        "started": started_at,
+        "finished": now_iso(),
+        "seconds": round(summary.seconds, 3),
+        "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
+        "estimated_cost_usd": estimated_cost(settings.model, tally.prompt_tokens, tally.completion_tokens),
+        "settings": settings.describe(),
+        "versions": package_versions(),
+    })
+    return summary
 
 
-def _triage(settings: Settings, files: list[Path], scan: InputScan, done: set[str], *, verbose: bool) -> int:
-    """Run the Ray Data pipeline; returns the rows written."""
+@dataclass
+class Tally:
+    """What this run wrote, counted on the driver as batches arrive."""
+
+    rows: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, batch: pa.Table) -> tuple[int, int]:
+        errors = batch.num_rows - batch.column("errors").null_count
+        tokens = [pc.sum(batch.column(name)).as_py() or 0 for name in ("prompt_tokens", "completion_tokens")]
+        self.rows += batch.num_rows
+        self.errors += errors
+        self.prompt_tokens += tokens[0]
+        self.completion_tokens += tokens[1]
+        return errors, sum(tokens)
+
+
+def _triage(
+    settings: Settings,
+    files: list[Path],
+    scan: InputScan,
+    done: set[str],
+    programs: dict[str, ProgramSource],
+    *,
+    verbose: bool,
+) -> Tally:
+    """Run the Ray Data pipeline, committing part files from the driver as batches stream in."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -208,22 +247,12 @@ def _triage(settings: Settings, files: list[Path], scan: InputScan, done: set[st
     ds = ds.flat_map(_read_file, fn_kwargs={"model": settings.model, "duplicates": ray.put(scan.duplicates)})
     if settings.limit is not None:
         ds = ds.limit(settings.limit)
-    ds = ds.map_batches(
-        _prepare,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs={"done": ray.put(frozenset(done)), "max_chars": settings.max_transcript_chars},
-    )
-    plans = plan_pools(settings, cpus)
-    for stage, plan in zip(STAGES, plans, strict=True):
-        program = ProgramSource.load(settings.optimized_dir, stage.program_file)
-        logger.info(
-            "%s stage: %d actor(s) x %d request(s) in flight, program %s",
-            stage.name,
-            plan.actors,
-            plan.in_flight,
-            program.label,
-        )
+    ds = ds.map_batches(_prepare, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"done": ray.put(frozenset(done)), "max_chars": settings.max_transcript_chars})
+    for stage, plan in zip(STAGES, plan_pools(settings, cpus), strict=True):
+        program = programs[stage.name]
+        logger.info("%s stage: %d actor(s) x %d request(s) in flight, program %s",
+                    stage.name, plan.actors, plan.in_flight, program.label)
         config = StageConfig(settings=settings, program=program, in_flight=plan.in_flight, threads=plan.threads)
         ds = ds.map_batches(
             stage,
@@ -233,9 +262,18 @@ def _triage(settings: Settings, files: list[Path], scan: InputScan, done: set[st
             compute=ActorPoolStrategy(size=plan.actors),
             num_cpus=plan.num_cpus,
         )
-    sink = AtomicParquetSink(settings.output, rows_per_file=rows_per_file(settings))
-    ds.write_datasink(sink)
-    return sink.rows_written
+    to_do = sum(1 for call_id in scan.call_ids if call_id not in done)
+    writer = PartWriter(settings.output, rows_per_file=rows_per_file(settings))
+    progress = Progress(to_do)
+    tally = Tally()
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(batch)
+            progress.update(batch.num_rows, *tally.add(batch))
+    finally:
+        writer.close()  # commit what arrived, even when interrupted
+        progress.close()
+    return tally
 
 
 def rows_per_file(settings: Settings) -> int:
@@ -243,7 +281,7 @@ def rows_per_file(settings: Settings) -> int:
 
     The embedded model takes seconds per row, so its files are committed after a few rows.
     """
-    return 8 if is_local_model(settings.model) else 500
+    return 8 if is_local_model(settings.model) else 1000
 
 
 def check_credentials(settings: Settings) -> None:

@@ -1,7 +1,7 @@
 """The output dataset on disk: Parquet part files that are either whole or absent.
 
-Each write task writes its rows to a hidden temporary file in the output folder and renames
-it into place (`os.replace`, atomic on one file system). A run killed at any moment leaves
+The driver writes each part to a hidden temporary file in the output folder and renames it
+into place (`os.replace`, atomic on one file system). A run killed at any moment leaves
 only whole part files and, at worst, hidden temporaries, which readers ignore (pyarrow skips
 names starting with "." or "_") and the next run deletes. The call_ids in the whole part
 files are the rows already done: a rerun into the same folder skips them.
@@ -10,16 +10,14 @@ files are the rows already done: a rerun into the same folder skips them.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from ray.data.block import Block, BlockAccessor
-from ray.data.datasource import Datasink
 
 from triage.errors import ConfigError
 from triage.schema import OUTPUT_SCHEMA
@@ -28,35 +26,55 @@ PART_PREFIX = "part-"
 TEMP_SUFFIX = ".tmp"
 
 
-class AtomicParquetSink(Datasink[int]):
-    """Writes blocks as `part-<uuid>.parquet` files, each renamed into place when complete."""
+class PartWriter:
+    """Collects output batches on the driver and commits them as `part-<uuid>.parquet` files.
 
-    def __init__(self, folder: str | Path, rows_per_file: int) -> None:
-        self.folder = str(folder)
+    A part is committed when it holds `rows_per_file` rows or when `seconds_per_file` have passed
+    since the last commit (so a slow model still commits its work often), and at `close()`.
+    """
+
+    def __init__(self, folder: str | Path, *, rows_per_file: int, seconds_per_file: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.folder = Path(folder)
         self.rows_per_file = rows_per_file
+        self.seconds_per_file = seconds_per_file
+        self.clock = clock
         self.rows_written = 0
+        self.files_written = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._last_commit = clock()
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
+    def add(self, batch: pa.Table) -> None:
+        if batch.num_rows:
+            self._pending.append(batch.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
+            self._pending_rows += batch.num_rows
+        if self._pending_rows >= self.rows_per_file or (
+            self._pending_rows and self.clock() - self._last_commit >= self.seconds_per_file
+        ):
+            self.commit()
 
-    def write(self, blocks: Iterable[Block], ctx: Any) -> int:
-        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        tables = [t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables if t.num_rows]
-        if not tables:
-            return 0
-        table = pa.concat_tables(tables)
-        name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
-        temporary = os.path.join(self.folder, f".{name}{TEMP_SUFFIX}")
-        pq.write_table(table, temporary)
-        os.replace(temporary, os.path.join(self.folder, name))
-        return table.num_rows
+    def commit(self) -> None:
+        if self._pending_rows:
+            write_part(self.folder, pa.concat_tables(self._pending))
+            self.rows_written += self._pending_rows
+            self.files_written += 1
+        self._pending, self._pending_rows = [], 0
+        self._last_commit = self.clock()
 
-    def on_write_complete(self, write_result: Any) -> None:
-        self.rows_written = sum(write_result.write_returns)
+    close = commit
 
-    def get_name(self) -> str:
-        return "AtomicParquet"
+
+def write_part(folder: Path, table: pa.Table) -> Path:
+    """Write `table` as a new part file: to a hidden temporary name first, then renamed into place."""
+    name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+    temporary = folder / f".{name}{TEMP_SUFFIX}"
+    pq.write_table(table, temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    final = folder / name
+    os.replace(temporary, final)
+    return final
 
 
 def prepare_output_folder(folder: Path, *, overwrite: bool) -> None:
@@ -82,7 +100,7 @@ def _is_ours(path: Path) -> bool:
     name = path.name
     return path.is_file() and (
         (name.startswith(PART_PREFIX) and name.endswith(".parquet"))
-        or (name.startswith(f".{PART_PREFIX}") and name.endswith(TEMP_SUFFIX))
+        or (name.startswith(".") and name.endswith(TEMP_SUFFIX))
         or name.startswith("_")
     )
 

@@ -1,0 +1,80 @@
+"""Part files (whole or absent), progress line, manifest."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pytest
+
+from triage.errors import ConfigError
+from triage.manifest import estimated_cost, write_manifest
+from triage.progress import Progress
+from triage.schema import OUTPUT_SCHEMA
+from triage.sink import PartWriter, completed_ids, prepare_output_folder, read_output
+
+
+def batch(ids: list[str], errors: list[str | None] | None = None) -> pa.Table:
+    n = len(ids)
+    return pa.Table.from_pylist(
+        [{"call_id": i, "transcript": "t", "errors": e, "model": "m", "prompt_tokens": 3, "completion_tokens": 2,
+          "triaged_at": datetime(2026, 1, 1, tzinfo=UTC)} for i, e in zip(ids, errors or [None] * n, strict=True)],
+        schema=OUTPUT_SCHEMA,
+    )
+
+
+def test_part_writer_commits_by_rows_and_by_time(tmp_path):
+    now = [0.0]
+    writer = PartWriter(tmp_path, rows_per_file=4, seconds_per_file=10, clock=lambda: now[0])
+    writer.add(batch(["a", "b"]))
+    assert list(tmp_path.iterdir()) == []  # nothing committed yet
+    writer.add(batch(["c", "d"]))
+    assert len(list(tmp_path.glob("part-*.parquet"))) == 1
+    writer.add(batch(["e"]))
+    now[0] = 11.0
+    writer.add(batch([]))  # time has passed: the pending row is committed
+    assert len(list(tmp_path.glob("part-*.parquet"))) == 2
+    writer.add(batch(["f"]))
+    writer.close()
+    assert completed_ids(tmp_path) == {"a", "b", "c", "d", "e", "f"}
+    assert writer.rows_written == 6 and writer.files_written == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_leftover_temporaries_are_removed_and_ignored(tmp_path):
+    PartWriter(tmp_path, rows_per_file=1).add(batch(["a"]))
+    (tmp_path / ".part-dead.parquet.tmp").write_bytes(b"half a file")
+    assert completed_ids(tmp_path) == {"a"}  # readers skip the hidden temporary
+    prepare_output_folder(tmp_path, overwrite=False)
+    assert sorted(p.name[:5] for p in tmp_path.iterdir()) == ["part-"]
+    prepare_output_folder(tmp_path, overwrite=True)
+    assert list(tmp_path.iterdir()) == [] and read_output(tmp_path).num_rows == 0
+
+
+def test_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not this dataset's"):
+        prepare_output_folder(tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_progress_line_counts_rate_and_time_left():
+    now = [100.0]
+    stream = io.StringIO()
+    progress = Progress(1000, stream=stream, clock=lambda: now[0], log_every=5)
+    now[0] = 110.0
+    progress.update(250, errors=3, tokens=12_345)
+    assert stream.getvalue() == "triage: 250/1000 rows (25%), 25.0 rows/s, 3 with errors, 12k tokens, 30s left\n"
+    now[0] = 111.0
+    progress.update(10)
+    assert stream.getvalue().count("\n") == 1  # not again before log_every
+
+
+def test_manifest_is_written_atomically_and_cost_is_known_or_none(tmp_path):
+    path = write_manifest(tmp_path, {"model": "openai/gpt-4.1-mini", "rows": {"in": 3}})
+    assert path.name == "_manifest.json" and '"in": 3' in path.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["_manifest.json"]
+    assert estimated_cost("local/smollm2-135m", 1000, 1000) == 0.0
+    assert estimated_cost("openai/no-such-model-xyz", 1000, 1000) is None
+    assert estimated_cost("openai/gpt-4.1-mini", 1_000_000, 0) > 0

@@ -1,0 +1,67 @@
+"""The run manifest written beside the output (`_manifest.json`): what ran, on what, and what it cost.
+
+It never holds a secret: settings come from `Settings.describe()`, which masks the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "_manifest.json"
+PACKAGES = ("triage", "dspy", "ray", "pyarrow", "pandas", "tenacity", "cyllama")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def price_per_token(model: str) -> tuple[float, float] | None:
+    """(input, output) USD per token from LiteLLM's bundled price list, or None when unknown.
+
+    The embedded model costs nothing; a model the list does not know gets no estimate.
+    """
+    if model.startswith("local/"):
+        return (0.0, 0.0)
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        import litellm
+    except ImportError:
+        return None
+    name = model.split("/", 1)[1] if "/" in model else model
+    for key in (model, name):
+        entry = litellm.model_cost.get(key)
+        if entry and "input_cost_per_token" in entry:
+            return float(entry["input_cost_per_token"]), float(entry.get("output_cost_per_token", 0.0))
+    return None
+
+
+def estimated_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    prices = price_per_token(model)
+    if prices is None:
+        return None
+    return round(prompt_tokens * prices[0] + completion_tokens * prices[1], 6)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write atomically (temporary name, then rename), like the part files."""
+    path = folder / MANIFEST_NAME
+    temporary = folder / f".{MANIFEST_NAME}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
