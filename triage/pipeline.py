@@ -34,6 +34,7 @@ from triage.stages import INPUT_ERROR_PREFIX, ExtractDetailsStage, ProgramSource
 logger = logging.getLogger("triage")
 
 STAGES: tuple[type[Stage], ...] = (TriageStage, ExtractDetailsStage)
+BLOCK_BYTES = 64 * 1024
 # Environment every Ray worker needs; never secrets (runtime_env values land in Ray's logs).
 WORKER_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -151,6 +152,9 @@ def init_ray(settings: Settings, *, verbose: bool = False) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
+    # Small blocks: a stage hands rows on block by block, so with Ray's default (128 MiB) the
+    # details stage would wait for the triage stage to finish the whole input.
+    ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     if not verbose:
@@ -176,8 +180,10 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     done = completed_ids(output)
     skipped = sum(1 for call_id in scan.call_ids if call_id in done)
     if scan.duplicates:
-        logger.warning("%d call_ids appear more than once in the input; each such row gets <call_id>@<file>:<row>",
-                       len(scan.duplicates))
+        logger.warning(
+            "%d call_ids appear more than once in the input; each such row gets <call_id>@<file>:<row>",
+            len(scan.duplicates),
+        )
 
     programs = {stage.name: ProgramSource.load(settings.optimized_dir, stage.program_file) for stage in STAGES}
     tally = Tally()
@@ -185,26 +191,42 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
         tally = _triage(settings, files, scan, done, programs, verbose=verbose)
 
     table = read_output(output, ["errors"])
-    summary = RunSummary(scan.rows, skipped, tally.rows, table.num_rows,
-                         table.num_rows - table.column("errors").null_count, len(scan.duplicates),
-                         time.monotonic() - started, str(output))
-    write_manifest(output, {
-        "input": settings.input,
-        "input_files": [str(f) for f in files],
-        "output": str(output),
-        "rows": {"in": summary.rows_in, "skipped_as_done": summary.skipped, "triaged": summary.triaged,
-                 "out": summary.rows_out, "with_errors": summary.rows_with_errors,
-                 "errors_this_run": tally.errors, "duplicate_call_ids": summary.duplicates},
-        "model": settings.model,
-        "programs": {name: source.label for name, source in programs.items()},
-        "started": started_at,
-        "finished": now_iso(),
-        "seconds": round(summary.seconds, 3),
-        "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
-        "estimated_cost_usd": estimated_cost(settings.model, tally.prompt_tokens, tally.completion_tokens),
-        "settings": settings.describe(),
-        "versions": package_versions(),
-    })
+    summary = RunSummary(
+        scan.rows,
+        skipped,
+        tally.rows,
+        table.num_rows,
+        table.num_rows - table.column("errors").null_count,
+        len(scan.duplicates),
+        time.monotonic() - started,
+        str(output),
+    )
+    write_manifest(
+        output,
+        {
+            "input": settings.input,
+            "input_files": [str(f) for f in files],
+            "output": str(output),
+            "rows": {
+                "in": summary.rows_in,
+                "skipped_as_done": summary.skipped,
+                "triaged": summary.triaged,
+                "out": summary.rows_out,
+                "with_errors": summary.rows_with_errors,
+                "errors_this_run": tally.errors,
+                "duplicate_call_ids": summary.duplicates,
+            },
+            "model": settings.model,
+            "programs": {name: source.label for name, source in programs.items()},
+            "started": started_at,
+            "finished": now_iso(),
+            "seconds": round(summary.seconds, 3),
+            "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
+            "estimated_cost_usd": estimated_cost(settings.model, tally.prompt_tokens, tally.completion_tokens),
+            "settings": settings.describe(),
+            "versions": package_versions(),
+        },
+    )
     return summary
 
 
@@ -247,12 +269,21 @@ def _triage(
     ds = ds.flat_map(_read_file, fn_kwargs={"model": settings.model, "duplicates": ray.put(scan.duplicates)})
     if settings.limit is not None:
         ds = ds.limit(settings.limit)
-    ds = ds.map_batches(_prepare, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"done": ray.put(frozenset(done)), "max_chars": settings.max_transcript_chars})
+    ds = ds.map_batches(
+        _prepare,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"done": ray.put(frozenset(done)), "max_chars": settings.max_transcript_chars},
+    )
     for stage, plan in zip(STAGES, plan_pools(settings, cpus), strict=True):
         program = programs[stage.name]
-        logger.info("%s stage: %d actor(s) x %d request(s) in flight, program %s",
-                    stage.name, plan.actors, plan.in_flight, program.label)
+        logger.info(
+            "%s stage: %d actor(s) x %d request(s) in flight, program %s",
+            stage.name,
+            plan.actors,
+            plan.in_flight,
+            program.label,
+        )
         config = StageConfig(settings=settings, program=program, in_flight=plan.in_flight, threads=plan.threads)
         ds = ds.map_batches(
             stage,
