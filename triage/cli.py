@@ -33,10 +33,33 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{text} [{env}; default: {default}]",
         )
-    run.add_argument("--overwrite", action="store_true", default=None,
-                     help="start the output afresh instead of resuming it [TRIAGE_OVERWRITE]")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start the output afresh instead of resuming it [TRIAGE_OVERWRITE]",
+    )
     run.add_argument("--verbose", action="store_true", help="show Ray's and DSPy's own logs")
+    report = commands.add_parser(
+        "report",
+        help="write a self-contained HTML report of a triaged dataset",
+        description="One HTML page for a supervisor: no script, no network, charts inline.",
+    )
+    report.add_argument("--input", default="output/triaged_calls/", help="the triaged dataset [default: %(default)s]")
+    report.add_argument("--output", default="output/report.html", help="the HTML file to write [default: %(default)s]")
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from triage.report import write_report
+
+    try:
+        summary = write_report(args.input, args.output)
+    except TriageError as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 0
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -50,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args)
     _configure_logging(args.verbose)
     secrets: list[str] = []
     try:
