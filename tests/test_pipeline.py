@@ -133,3 +133,17 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path):
         run(Settings(input=str(tmp_path / "calls.jsonl"), output=str(tmp_path / "out"), model="openai/x",
                      api_base="http://127.0.0.1:9/v1"))
     assert (tmp_path / "out" / "thesis.docx").read_text() == "precious"
+
+
+def test_shared_rate_limit_keeps_a_limited_provider_happy(tmp_path, ray_local):
+    transcripts = [f"rate limited call number {i} about a fallen tree" for i in range(40)]
+    write_calls(tmp_path / "calls.jsonl", transcripts)
+    from triage.pipeline import run
+
+    with FakeProvider(rpm=900, latency=0.02) as provider:
+        summary = run(Settings(input=str(tmp_path / "calls.jsonl"), output=str(tmp_path / "out"),
+                               model="openai/fake", api_base=provider.url, concurrency=16, rpm=900, cache=False))
+        stats = provider.stats()
+    assert (summary.rows_out, summary.rows_with_errors) == (40, 0)
+    assert stats["outcomes"]["ok"] == 80
+    assert stats["outcomes"]["429"] <= 2  # at most 2.5% of requests, and every row still succeeded

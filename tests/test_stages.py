@@ -192,3 +192,35 @@ def test_optimized_program_state_is_loaded(tmp_path):
 def test_stage_declarations(stage_class):
     assert stage_class.program_file in ("triager.json", "detail_extractor.json")
     assert set(stage_class.output_fields()) <= set(OUTPUT_SCHEMA.names)
+
+
+def test_every_request_books_the_rate_limit_and_a_429_penalizes_it():
+    from triage.ratelimit import RateLimiter
+
+    class RecordingLimiter(RateLimiter):
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        async def acquire(self, tokens: int = 0) -> None:
+            self.calls.append(("acquire", tokens))
+
+        async def settle(self, estimated: int, actual: int) -> None:
+            self.calls.append(("settle", estimated, actual))
+
+        async def penalize(self, retry_after: float | None) -> None:
+            self.calls.append(("penalize", retry_after))
+
+    answers = iter([RateLimitError("slow down", retry_after=3.0), fields_for("triage", priority="bad"),
+                    fields_for("triage")])
+    lm, engine = scripted_lm(lambda request: next(answers))
+    limiter = RecordingLimiter()
+    stage = TriageStage(StageConfig(settings=Settings(model="scripted/test"), program=ProgramSource(None, "d")),
+                        lm_setup=LMSetup(lm, ChatAdapter), sleep=lambda s: asyncio.sleep(0), limiter=limiter)
+    rows = run_stage(stage, make_batch(["x" * 400]))
+    assert rows[0]["priority"] == "urgent"
+    kinds = [c[0] for c in limiter.calls]
+    assert kinds == ["acquire", "penalize", "acquire", "settle", "acquire", "settle"]
+    assert limiter.calls[1] == ("penalize", 3.0)
+    estimate = limiter.calls[0][1]
+    assert estimate > 100 + 300  # the prompt around the transcript, the transcript (400 chars), the completion
+    assert limiter.calls[3] == ("settle", estimate, 18)  # the scripted engine reports 11 + 7 tokens

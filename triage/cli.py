@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from triage.errors import TriageError, redact
 from triage.settings import resolve_settings, setting_help
 
-RUN_FLAGS = ("input", "output", "model", "api_base", "optimized_dir", "concurrency", "limit")
+RUN_FLAGS = ("input", "output", "model", "api_base", "optimized_dir", "concurrency", "limit", "rpm", "tpm")
+FLAG_TYPES = {"concurrency": int, "limit": int, "rpm": float, "tpm": float}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     helps = {name: (env, text, default) for name, env, text, default in setting_help()}
     for name in RUN_FLAGS:
         env, text, default = helps[name]
-        kind = int if name in ("concurrency", "limit") else str
+        kind = FLAG_TYPES.get(name, str)
         run.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,

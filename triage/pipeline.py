@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from triage.inputs import InputScan, check_input_file, read_rows, resolve_input_
 from triage.local_model import is_local_model
 from triage.manifest import estimated_cost, now_iso, package_versions, write_manifest
 from triage.progress import Progress
+from triage.ratelimit import get_or_create_limiter
 from triage.schema import OUTPUT_SCHEMA
 from triage.settings import PROVIDER_KEY_VARIABLES, Settings
 from triage.sink import PartWriter, completed_ids, prepare_output_folder, read_output
@@ -143,7 +145,9 @@ def init_ray(settings: Settings, *, verbose: bool = False) -> None:
         # Remote workers get the package itself; settings and programs travel with the actors.
         runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
     ray.init(
-        address=address or None,
+        # "local": always a new local cluster. Without it, ray.init() silently joins any cluster
+        # started on this machine with `ray start` (it reads /tmp/ray/ray_current_cluster).
+        address=address or "local",
         runtime_env=runtime_env,
         include_dashboard=False,
         logging_level=logging.INFO if verbose else logging.ERROR,
@@ -275,6 +279,12 @@ def _triage(
         batch_size=None,
         fn_kwargs={"done": ray.put(frozenset(done)), "max_chars": settings.max_transcript_chars},
     )
+    # The driver holds the limiter's handle for the whole run: Ray removes the actor with it.
+    limiter = (
+        get_or_create_limiter(uuid.uuid4().hex[:12], settings.rpm, settings.tpm)
+        if (settings.rpm or settings.tpm)
+        else None
+    )
     for stage, plan in zip(STAGES, plan_pools(settings, cpus), strict=True):
         program = programs[stage.name]
         logger.info(
@@ -284,7 +294,9 @@ def _triage(
             plan.in_flight,
             program.label,
         )
-        config = StageConfig(settings=settings, program=program, in_flight=plan.in_flight, threads=plan.threads)
+        config = StageConfig(
+            settings=settings, program=program, in_flight=plan.in_flight, threads=plan.threads, limiter=limiter
+        )
         ds = ds.map_batches(
             stage,
             fn_constructor_kwargs={"config": config},
@@ -294,7 +306,9 @@ def _triage(
             num_cpus=plan.num_cpus,
         )
     to_do = sum(1 for call_id in scan.call_ids if call_id not in done)
-    writer = PartWriter(settings.output, rows_per_file=rows_per_file(settings))
+    writer = PartWriter(
+        settings.output, rows_per_file=rows_per_file(settings), seconds_per_file=settings.commit_seconds
+    )
     progress = Progress(to_do)
     tally = Tally()
     try:

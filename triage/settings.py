@@ -67,11 +67,16 @@ class Settings:
     optimized_dir: str = _setting("optimized", "TRIAGE_OPTIMIZED_DIR", "folder of optimized programs")
     concurrency: int = _setting(16, "TRIAGE_CONCURRENCY", "LM requests in flight in total, both stages together")
     limit: int | None = _setting(None, "TRIAGE_LIMIT", "triage only the first N input rows")
+    rpm: float | None = _setting(None, "TRIAGE_RPM", "LM requests per minute for the whole run, all workers together")
+    tpm: float | None = _setting(None, "TRIAGE_TPM", "LM tokens per minute for the whole run, all workers together")
     max_retries: int = _setting(5, "TRIAGE_MAX_RETRIES", "retries of a transient LM error (429, 5xx, timeout)")
     validation_attempts: int = _setting(3, "TRIAGE_VALIDATION_ATTEMPTS", "tries to get an answer that validates")
     timeout: float = _setting(60.0, "TRIAGE_TIMEOUT", "seconds before one LM request times out")
     cache: bool = _setting(True, "TRIAGE_CACHE", "reuse DSPy's cache of identical LM requests")
     overwrite: bool = _setting(False, "TRIAGE_OVERWRITE", "start the output afresh instead of resuming it")
+    commit_seconds: float = _setting(
+        30.0, "TRIAGE_COMMIT_SECONDS", "finished rows are committed to the output at least this often"
+    )
     max_transcript_chars: int = _setting(
         20000, "TRIAGE_MAX_TRANSCRIPT_CHARS", "longer transcripts are cut to this length (noted in errors)"
     )
@@ -102,8 +107,8 @@ def _convert(name: str, raw: Any, target: str) -> Any:
     try:
         if target in ("int", "int | None"):
             return None if text == "" and "None" in target else int(text)
-        if target == "float":
-            return float(text)
+        if target in ("float", "float | None"):
+            return None if text == "" and "None" in target else float(text)
         if target == "bool":
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -165,12 +170,18 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"--concurrency / TRIAGE_CONCURRENCY must be at least 1, got {settings.concurrency}")
     if settings.limit is not None and settings.limit < 0:
         raise ConfigError(f"--limit / TRIAGE_LIMIT must be 0 or more, got {settings.limit}")
+    for name in ("rpm", "tpm"):
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name} / TRIAGE_{name.upper()} must be positive, got {value}")
     if settings.max_retries < 0:
         raise ConfigError(f"TRIAGE_MAX_RETRIES must be 0 or more, got {settings.max_retries}")
     if settings.validation_attempts < 1:
         raise ConfigError(f"TRIAGE_VALIDATION_ATTEMPTS must be at least 1, got {settings.validation_attempts}")
     if settings.max_transcript_chars < 1:
         raise ConfigError(f"TRIAGE_MAX_TRANSCRIPT_CHARS must be at least 1, got {settings.max_transcript_chars}")
+    if settings.commit_seconds <= 0:
+        raise ConfigError(f"TRIAGE_COMMIT_SECONDS must be positive, got {settings.commit_seconds}")
     if settings.timeout <= 0:
         raise ConfigError(f"TRIAGE_TIMEOUT must be positive, got {settings.timeout}")
     if "/" not in settings.model:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import dspy
 import pyarrow as pa
-from dspy.utils.exceptions import AdapterParseError, is_retryable_lm_error
+from dspy.utils.exceptions import AdapterParseError, LMRateLimitError, is_retryable_lm_error
 from dspy.utils.usage_tracker import track_usage
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
@@ -39,6 +39,7 @@ from tenacity.wait import wait_base
 from triage.errors import redact
 from triage.lm import LMSetup, build_lm
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall
+from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
 from triage.schema import OUTPUT_SCHEMA
 from triage.settings import Settings
 
@@ -46,6 +47,8 @@ logger = logging.getLogger("triage")
 
 INPUT_ERROR_PREFIX = "input: "
 MAX_ERROR_CHARS = 500
+# Completion tokens booked per request before the answer is known (settled afterwards).
+EXPECTED_COMPLETION_TOKENS = 300
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class StageConfig:
     program: ProgramSource
     in_flight: int = 8
     threads: int | None = None
+    limiter: RayLimiterRef | None = None  # the run's shared rate limit, when --rpm or --tpm is set
 
 
 @dataclass
@@ -139,6 +143,7 @@ class Stage:
         *,
         lm_setup: LMSetup | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = config.settings
         self.setup = lm_setup or build_lm(config.settings, threads=config.threads)
@@ -149,6 +154,10 @@ class Stage:
         self._semaphore: asyncio.Semaphore | None = None
         self._sleep = sleep
         self._secrets = [config.settings.api_key.reveal()] if config.settings.api_key else []
+        if limiter is None:
+            limiter = config.limiter.connect(sleep=sleep) if config.limiter else NoLimit()
+        self.limiter = limiter
+        self._prompt_chars = self._fixed_prompt_chars()
         logger.info("%s stage: model %s, program %s", self.name, self.settings.model, config.program.label)
 
     @classmethod
@@ -209,9 +218,30 @@ class Stage:
         async for attempt in retrying:
             with attempt:
                 async with self._request_slot():
-                    with dspy.context(lm=self.setup.lm, adapter=adapter):
-                        return await self.program.acall(transcript=transcript)
+                    return await self._limited_call(transcript, adapter)
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _limited_call(self, transcript: str, adapter: dspy.ChatAdapter) -> dspy.Prediction:
+        """One LM request, booked against the run's rate limit (every retry and every validation attempt too)."""
+        estimate = estimate_tokens(self._prompt_chars + len(transcript), EXPECTED_COMPLETION_TOKENS)
+        await self.limiter.acquire(estimate)
+        before = _tokens_so_far()
+        try:
+            with dspy.context(lm=self.setup.lm, adapter=adapter):
+                return await self.program.acall(transcript=transcript)
+        except LMRateLimitError as exc:
+            await self.limiter.penalize(exc.retry_after)
+            raise
+        finally:
+            used = _tokens_so_far() - before
+            if used:
+                await self.limiter.settle(estimate, used)
+
+    def _fixed_prompt_chars(self) -> int:
+        """Characters of the prompt around the transcript (instructions, demos), for token estimates."""
+        predictor = self.program.predictors()[0]
+        messages = self.setup.adapter().format(predictor.signature, predictor.demos, {"transcript": ""})
+        return sum(len(str(m.get("content", ""))) for m in messages)
 
     def _request_slot(self) -> asyncio.Semaphore:
         # Created on first use: it must belong to the event loop Ray Data calls us from.
@@ -250,6 +280,17 @@ class Stage:
         now = datetime.now(UTC)
         columns["triaged_at"] = pa.array([now] * len(outcomes), pa.timestamp("us", tz="UTC"))
         return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
+
+
+def _tokens_so_far() -> int:
+    """Tokens counted so far by the row's usage tracker (set up in `_triage_row`)."""
+    tracker = dspy.settings.usage_tracker
+    if tracker is None:
+        return 0
+    return sum(
+        int(c.get("prompt_tokens") or 0) + int(c.get("completion_tokens") or 0)
+        for c in tracker.get_total_tokens().values()
+    )
 
 
 def _first_line(exc: BaseException) -> str:
