@@ -14,6 +14,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ from triage.stages import INPUT_ERROR_PREFIX, ExtractDetailsStage, ProgramSource
 logger = logging.getLogger("triage")
 
 STAGES: tuple[type[Stage], ...] = (TriageStage, ExtractDetailsStage)
-BLOCK_BYTES = 64 * 1024
+BLOCK_BYTES = 1024 * 1024
 # Environment every Ray worker needs; never secrets (runtime_env values land in Ray's logs).
 WORKER_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -96,22 +97,18 @@ def plan_pools(settings: Settings, cpus: float) -> list[PoolPlan]:
     return plans
 
 
-def _read_file(item: dict[str, Any], *, model: str, duplicates: Any) -> list[dict[str, Any]]:
+def _read_file(item: dict[str, Any], *, model: str, duplicates: Any) -> Iterator[dict[str, Any]]:
     import ray
 
     duplicate_ids = ray.get(duplicates)
-    rows = []
     for record in read_rows(Path(item["path"]), duplicate_ids):
         problem = record["input_error"]
-        rows.append(
-            {
-                "call_id": record["call_id"],
-                "transcript": record["transcript"],
-                "errors": f"{INPUT_ERROR_PREFIX}{problem}" if problem else None,
-                "model": model,
-            }
-        )
-    return rows
+        yield {
+            "call_id": record["call_id"],
+            "transcript": record["transcript"],
+            "errors": f"{INPUT_ERROR_PREFIX}{problem}" if problem else None,
+            "model": model,
+        }
 
 
 def _prepare(batch: pa.Table, *, done: Any, max_chars: int) -> pa.Table:
@@ -156,8 +153,7 @@ def init_ray(settings: Settings, *, verbose: bool = False) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    # Small blocks: a stage hands rows on block by block, so with Ray's default (128 MiB) the
-    # details stage would wait for the triage stage to finish the whole input.
+    # Reading streams each file in blocks of at most this size instead of Ray's 128 MiB default.
     ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -285,7 +281,11 @@ def _triage(
         if (settings.rpm or settings.tpm)
         else None
     )
-    for stage, plan in zip(STAGES, plan_pools(settings, cpus), strict=True):
+    plans = plan_pools(settings, cpus)
+    # Blocks are what a stage hands on: one batch of rows each, so rows stream through both stages
+    # (in one big block, the details stage would wait for the triage stage to finish everything).
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block(plans))
+    for stage, plan in zip(STAGES, plans, strict=True):
         program = programs[stage.name]
         logger.info(
             "%s stage: %d actor(s) x %d request(s) in flight, program %s",
@@ -319,6 +319,10 @@ def _triage(
         writer.close()  # commit what arrived, even when interrupted
         progress.close()
     return tally
+
+
+def rows_per_block(plans: list[PoolPlan]) -> int:
+    return max(4, min(plan.in_flight for plan in plans))
 
 
 def rows_per_file(settings: Settings) -> int:
