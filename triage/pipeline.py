@@ -14,9 +14,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +22,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from triage.errors import ConfigError
-from triage.inputs import InputScan, check_input_file, read_rows, resolve_input_files, scan_inputs
+from triage.inputs import InputScan, check_input_file, resolve_input_files, scan_inputs
 from triage.local_model import is_local_model
 from triage.manifest import estimated_cost, now_iso, package_versions, write_manifest
 from triage.progress import Progress
 from triage.ratelimit import get_or_create_limiter
-from triage.schema import OUTPUT_SCHEMA
 from triage.settings import PROVIDER_KEY_VARIABLES, Settings
 from triage.sink import PartWriter, completed_ids, prepare_output_folder, read_output
-from triage.stages import INPUT_ERROR_PREFIX, ExtractDetailsStage, ProgramSource, Stage, StageConfig, TriageStage
+from triage.source import TranscriptSource
+from triage.stages import ExtractDetailsStage, ProgramSource, Stage, StageConfig, TriageStage
 
 logger = logging.getLogger("triage")
 
 STAGES: tuple[type[Stage], ...] = (TriageStage, ExtractDetailsStage)
-BLOCK_BYTES = 1024 * 1024
+READ_CPUS = 0.25
 # Environment every Ray worker needs; never secrets (runtime_env values land in Ray's logs).
 WORKER_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -97,36 +95,6 @@ def plan_pools(settings: Settings, cpus: float) -> list[PoolPlan]:
     return plans
 
 
-def _read_file(item: dict[str, Any], *, model: str, duplicates: Any) -> Iterator[dict[str, Any]]:
-    import ray
-
-    duplicate_ids = ray.get(duplicates)
-    for record in read_rows(Path(item["path"]), duplicate_ids):
-        problem = record["input_error"]
-        yield {
-            "call_id": record["call_id"],
-            "transcript": record["transcript"],
-            "errors": f"{INPUT_ERROR_PREFIX}{problem}" if problem else None,
-            "model": model,
-        }
-
-
-def _prepare(batch: pa.Table, *, done: Any, max_chars: int) -> pa.Table:
-    """Drop rows finished by an earlier run, cut overlong transcripts, and give the batch the output schema."""
-    import ray
-
-    done_ids = ray.get(done)
-    rows = [row for row in batch.to_pylist() if row["call_id"] not in done_ids]
-    now = datetime.now(UTC)
-    for row in rows:
-        transcript = row["transcript"]
-        if transcript is not None and len(transcript) > max_chars:
-            row["transcript"] = transcript[:max_chars]
-            row["errors"] = f"{INPUT_ERROR_PREFIX}transcript cut to {max_chars} of {len(transcript)} characters"
-        row.update(prompt_tokens=0, completion_tokens=0, triaged_at=now)
-    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
-
-
 def init_ray(settings: Settings, *, verbose: bool = False) -> None:
     """Local Ray by default; the existing cluster at RAY_ADDRESS when set. Quiet unless `verbose`."""
     import ray
@@ -153,8 +121,6 @@ def init_ray(settings: Settings, *, verbose: bool = False) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    # Reading streams each file in blocks of at most this size instead of Ray's 128 MiB default.
-    ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     if not verbose:
@@ -265,26 +231,24 @@ def _triage(
 
     init_ray(settings, verbose=verbose)
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    ds = ray.data.from_items([{"path": str(f.resolve())} for f in files], override_num_blocks=len(files))
-    ds = ds.flat_map(_read_file, fn_kwargs={"model": settings.model, "duplicates": ray.put(scan.duplicates)})
-    if settings.limit is not None:
-        ds = ds.limit(settings.limit)
-    ds = ds.map_batches(
-        _prepare,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs={"done": ray.put(frozenset(done)), "max_chars": settings.max_transcript_chars},
+    plans = plan_pools(settings, cpus)
+    to_do = frozenset(call_id for call_id in scan.call_ids if call_id not in done)
+    source = TranscriptSource(
+        files,
+        model=settings.model,
+        duplicates=scan.duplicates,
+        to_do=to_do,
+        max_chars=settings.max_transcript_chars,
+        rows_per_block=rows_per_block(plans),
     )
+    # Reading is light: a fraction of a CPU, so it never waits behind the stage actors on small nodes.
+    ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     # The driver holds the limiter's handle for the whole run: Ray removes the actor with it.
     limiter = (
         get_or_create_limiter(uuid.uuid4().hex[:12], settings.rpm, settings.tpm)
         if (settings.rpm or settings.tpm)
         else None
     )
-    plans = plan_pools(settings, cpus)
-    # Blocks are what a stage hands on: one batch of rows each, so rows stream through both stages
-    # (in one big block, the details stage would wait for the triage stage to finish everything).
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block(plans))
     for stage, plan in zip(STAGES, plans, strict=True):
         program = programs[stage.name]
         logger.info(
@@ -305,11 +269,10 @@ def _triage(
             compute=ActorPoolStrategy(size=plan.actors),
             num_cpus=plan.num_cpus,
         )
-    to_do = sum(1 for call_id in scan.call_ids if call_id not in done)
     writer = PartWriter(
         settings.output, rows_per_file=rows_per_file(settings), seconds_per_file=settings.commit_seconds
     )
-    progress = Progress(to_do)
+    progress = Progress(len(to_do))
     tally = Tally()
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -45,7 +45,6 @@ from triage.settings import Settings
 
 logger = logging.getLogger("triage")
 
-INPUT_ERROR_PREFIX = "input: "
 MAX_ERROR_CHARS = 500
 # Completion tokens booked per request before the answer is known (settled afterwards).
 EXPECTED_COMPLETION_TOKENS = 300

@@ -1,0 +1,112 @@
+"""The same command on an existing Ray cluster: a head and a worker node started with `ray start`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.fake_provider import FakeProvider, expected_answer
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("ray-cluster")
+    # Ray 2.60 clusters use token auth (~/.ray/auth_token); `ray start` on a worker must be told so.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    head = ray_cli(
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=1",
+        "--include-dashboard=false",
+        f"--temp-dir={temp}",
+        "--node-ip-address=127.0.0.1",
+        env=env,
+    )
+    assert head.returncode == 0, head.stderr
+    address = f"127.0.0.1:{port}"
+    worker = ray_cli(
+        "start",
+        f"--address={address}",
+        "--num-cpus=1",
+        "--node-ip-address=127.0.0.1",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        env=env,
+    )
+    try:
+        assert worker.returncode == 0, worker.stderr
+        yield address, env
+    finally:
+        ray_cli("stop", "--force", env=env)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_run_on_an_existing_two_node_cluster_with_a_shared_rate_limit(tmp_path, two_node_cluster):
+    address, env = two_node_cluster
+    key = "sk-cluster-only-in-dotenv-77"
+    transcripts = [f"cluster call {i}: smoke from a garage on Pine Street" for i in range(40)]
+    (tmp_path / "calls.jsonl").write_text("".join(json.dumps({"transcript": t}) + "\n" for t in transcripts))
+    with FakeProvider(api_key=key, rpm=1200, latency=0.02) as provider:
+        (tmp_path / ".env").write_text(f"TRIAGE_API_KEY={key}\n")
+        run_env = {k: v for k, v in env.items() if not k.startswith("TRIAGE_")}
+        run_env.update(RAY_ADDRESS=address, TRIAGE_CACHE="false")
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "triage",
+                "run",
+                "--input",
+                "calls.jsonl",
+                "--output",
+                "out",
+                "--model",
+                "openai/fake",
+                "--api-base",
+                provider.url,
+                "--concurrency",
+                "8",
+                "--rpm",
+                "1200",
+            ],
+            cwd=tmp_path,
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        stats = provider.stats()
+    assert result.returncode == 0, result.stderr
+    assert "40 rows out, 0 with errors" in result.stdout
+    assert stats["outcomes"]["401"] == 0 and stats["outcomes"]["429"] <= 2
+    frame = pd.read_parquet(tmp_path / "out")
+    assert len(frame) == 40
+    for row in frame.itertuples():
+        assert row.summary == expected_answer(row.transcript)["summary"]
+    status = ray_cli("status", f"--address={address}", env=env)
+    assert status.stdout.count(" node_") == 2, status.stdout  # the run joined the cluster; it started none
