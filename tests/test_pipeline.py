@@ -91,8 +91,15 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
     manifest_text = (output / "_manifest.json").read_text()
     assert "sk-e2e-secret-000111" not in manifest_text
     manifest = json.loads(manifest_text)
-    assert manifest["rows"] == {"in": 60, "skipped_as_done": 0, "triaged": 60, "out": 60, "with_errors": 2,
-                                "errors_this_run": 2, "duplicate_call_ids": 0}
+    assert manifest["rows"] == {
+        "in": 60,
+        "skipped_as_done": 0,
+        "triaged": 60,
+        "out": 60,
+        "with_errors": 2,
+        "errors_this_run": 2,
+        "duplicate_call_ids": 0,
+    }
     assert manifest["tokens"]["prompt"] == int(frame["prompt_tokens"].sum()) > 0
     assert manifest["model"] == "openai/fake" and manifest["settings"]["api_key"] == "****"
     assert manifest["programs"]["triage"].startswith("default prompts")
@@ -105,8 +112,14 @@ def test_rerun_resumes_limit_is_honoured_and_overwrite_starts_afresh(tmp_path, r
     from triage.pipeline import run
 
     with FakeProvider() as provider:
-        base = Settings(input=str(tmp_path / "calls.jsonl"), output=str(output), model="openai/fake",
-                        api_base=provider.url, concurrency=4, cache=False)
+        base = Settings(
+            input=str(tmp_path / "calls.jsonl"),
+            output=str(output),
+            model="openai/fake",
+            api_base=provider.url,
+            concurrency=4,
+            cache=False,
+        )
         first = run(replace(base, limit=5))
         assert (first.rows_in, first.skipped, first.triaged, first.rows_out) == (5, 0, 5, 5)
         provider.reset_stats()
@@ -130,8 +143,14 @@ def test_output_folder_with_foreign_files_is_refused(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.docx").write_text("precious")
     with pytest.raises(ConfigError, match="holds files that are not this dataset's"):
-        run(Settings(input=str(tmp_path / "calls.jsonl"), output=str(tmp_path / "out"), model="openai/x",
-                     api_base="http://127.0.0.1:9/v1"))
+        run(
+            Settings(
+                input=str(tmp_path / "calls.jsonl"),
+                output=str(tmp_path / "out"),
+                model="openai/x",
+                api_base="http://127.0.0.1:9/v1",
+            )
+        )
     assert (tmp_path / "out" / "thesis.docx").read_text() == "precious"
 
 
@@ -141,9 +160,29 @@ def test_shared_rate_limit_keeps_a_limited_provider_happy(tmp_path, ray_local):
     from triage.pipeline import run
 
     with FakeProvider(rpm=900, latency=0.02) as provider:
-        summary = run(Settings(input=str(tmp_path / "calls.jsonl"), output=str(tmp_path / "out"),
-                               model="openai/fake", api_base=provider.url, concurrency=16, rpm=900, cache=False))
+        summary = run(
+            Settings(
+                input=str(tmp_path / "calls.jsonl"),
+                output=str(tmp_path / "out"),
+                model="openai/fake",
+                api_base=provider.url,
+                concurrency=16,
+                rpm=900,
+                cache=False,
+            )
+        )
         stats = provider.stats()
     assert (summary.rows_out, summary.rows_with_errors) == (40, 0)
     assert stats["outcomes"]["ok"] == 80
     assert stats["outcomes"]["429"] <= 2  # at most 2.5% of requests, and every row still succeeded
+
+
+@pytest.mark.parametrize("cpus", [1.0, 2.0, 8.0])
+def test_pool_plans_leave_room_for_reading_and_respect_the_budget(cpus):
+    from triage.pipeline import READ_CPUS, plan_pools
+
+    for settings in (Settings(), *(Settings(model="openai/x", concurrency=c) for c in (2, 5, 64, 1000))):
+        plans = plan_pools(settings, cpus)
+        assert sum(p.actors * p.num_cpus for p in plans) + READ_CPUS <= cpus
+        if settings.model.startswith("openai/"):
+            assert sum(p.actors * p.in_flight for p in plans) <= settings.concurrency

@@ -79,20 +79,23 @@ def plan_pools(settings: Settings, cpus: float) -> list[PoolPlan]:
     one request at a time, each with an equal share of the cores as llama.cpp threads.
     """
     if is_local_model(settings.model):
-        share = max(1.0, cpus / len(STAGES))
-        return [
-            PoolPlan(actors=1, in_flight=1, num_cpus=min(share, cpus / len(STAGES)), threads=int(share)) for _ in STAGES
-        ]
+        # The reservation leaves room for the read tasks (else they wait forever behind the actors);
+        # the llama.cpp threads use each actor's whole share of the cores.
+        reserve = (cpus - READ_CPUS) / len(STAGES)
+        threads = max(1, int(cpus // len(STAGES)))
+        return [PoolPlan(actors=1, in_flight=1, num_cpus=min(1.0, reserve), threads=threads) for _ in STAGES]
     budgets = [
         settings.concurrency // len(STAGES) + (1 if i < settings.concurrency % len(STAGES) else 0)
         for i in range(len(STAGES))
     ]
-    plans = []
-    for budget in budgets:
-        budget = max(budget, 1)
-        actors = max(1, min(4, math.ceil(budget / 32)))
-        plans.append(PoolPlan(actors=actors, in_flight=max(1, budget // actors), num_cpus=0.25, threads=None))
-    return plans
+    if min(budgets) < 1:
+        raise ConfigError(f"--concurrency must be at least {len(STAGES)} (one request in flight per stage)")
+    actors = [max(1, min(4, math.ceil(budget / 32))) for budget in budgets]
+    num_cpus = min(0.25, (cpus - READ_CPUS) / sum(actors))
+    return [
+        PoolPlan(actors=n, in_flight=budget // n, num_cpus=num_cpus, threads=None)
+        for n, budget in zip(actors, budgets, strict=True)
+    ]
 
 
 def init_ray(settings: Settings, *, verbose: bool = False) -> None:
