@@ -18,8 +18,18 @@ from triage.sink import PartWriter, completed_ids, prepare_output_folder, read_o
 def batch(ids: list[str], errors: list[str | None] | None = None) -> pa.Table:
     n = len(ids)
     return pa.Table.from_pylist(
-        [{"call_id": i, "transcript": "t", "errors": e, "model": "m", "prompt_tokens": 3, "completion_tokens": 2,
-          "triaged_at": datetime(2026, 1, 1, tzinfo=UTC)} for i, e in zip(ids, errors or [None] * n, strict=True)],
+        [
+            {
+                "call_id": i,
+                "transcript": "t",
+                "errors": e,
+                "model": "m",
+                "prompt_tokens": 3,
+                "completion_tokens": 2,
+                "triaged_at": datetime(2026, 1, 1, tzinfo=UTC),
+            }
+            for i, e in zip(ids, errors or [None] * n, strict=True)
+        ],
         schema=OUTPUT_SCHEMA,
     )
 
@@ -78,3 +88,43 @@ def test_manifest_is_written_atomically_and_cost_is_known_or_none(tmp_path):
     assert estimated_cost("local/smollm2-135m", 1000, 1000) == 0.0
     assert estimated_cost("openai/no-such-model-xyz", 1000, 1000) is None
     assert estimated_cost("openai/gpt-4.1-mini", 1_000_000, 0) > 0
+
+
+def test_priority_and_category_read_back_as_categoricals_with_every_level(tmp_path):
+    import pandas as pd
+
+    from triage.programs import CATEGORIES, PRIORITIES
+    from triage.schema import WORKING_SCHEMA
+
+    working = pa.Table.from_pylist(
+        [
+            {
+                "call_id": "a",
+                "priority": "urgent",
+                "category": "fire",
+                "prompt_tokens": 1,
+                "completion_tokens": 2,
+                "triaged_at": datetime(2026, 1, 1, tzinfo=UTC),
+            },
+            {
+                "call_id": "b",
+                "priority": None,
+                "category": None,
+                "errors": "triage: failed",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "triaged_at": datetime(2026, 1, 1, tzinfo=UTC),
+            },
+        ],
+        schema=WORKING_SCHEMA,
+    )
+    writer = PartWriter(tmp_path, rows_per_file=1)
+    writer.add(working.slice(0, 1))
+    writer.add(working.slice(1, 1))
+    frame = pd.read_parquet(tmp_path)
+    assert list(frame["priority"].cat.categories) == list(PRIORITIES)
+    assert list(frame["category"].cat.categories) == list(CATEGORIES)
+    assert frame["category"].value_counts()["noise"] == 0  # a level no row has is still there
+    assert frame.set_index("call_id").loc["a", "priority"] == "urgent"
+    assert pd.isna(frame.set_index("call_id").loc["b", "priority"])
+    assert str(frame["triaged_at"].dtype).startswith("datetime64") and frame["prompt_tokens"].dtype == "int64"

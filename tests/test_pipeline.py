@@ -186,3 +186,26 @@ def test_pool_plans_leave_room_for_reading_and_respect_the_budget(cpus):
         assert sum(p.actors * p.num_cpus for p in plans) + READ_CPUS <= cpus
         if settings.model.startswith("openai/"):
             assert sum(p.actors * p.in_flight for p in plans) <= settings.concurrency
+
+
+def test_the_embedded_default_model_triages_every_row(tmp_path, ray_local):
+    """The offline path of `make triage`: no key, no server, the real 135M model under a grammar."""
+    from triage.programs import CATEGORIES, PRIORITIES
+    from triage.settings import DEFAULT_MODEL
+
+    transcripts = [
+        "My kitchen is on fire and my little girl is still upstairs! 418 Larkspur Lane, hurry!",
+        "The people at 12 Oak Street have been playing loud music since midnight.",
+        "Is the DMV open on Saturdays? Sorry, I didn't know who else to call.",
+    ]
+    ids = write_calls(tmp_path / "calls.jsonl", transcripts)
+    from triage.pipeline import run
+
+    summary = run(Settings(input=str(tmp_path / "calls.jsonl"), output=str(tmp_path / "out"), cache=False))
+    assert (summary.rows_out, summary.rows_with_errors) == (3, 0)
+    frame = pd.read_parquet(tmp_path / "out")
+    assert sorted(frame["call_id"]) == ids
+    assert set(frame["priority"]) <= set(PRIORITIES) and set(frame["category"]) <= set(CATEGORIES)
+    assert all(isinstance(s, str) and s.strip() for s in frame["summary"])
+    assert (frame["model"] == DEFAULT_MODEL).all() and (frame["completion_tokens"] > 0).all()
+    assert frame["errors"].isna().all()

@@ -11,7 +11,7 @@ from dspy.lm15 import RateLimitError, ServerError
 
 from tests.doubles import fields_for, last_user_text, scripted_lm, transcript_of
 from triage.lm import ChatAdapter, LMSetup
-from triage.schema import OUTPUT_SCHEMA
+from triage.schema import WORKING_SCHEMA
 from triage.settings import Secret, Settings
 from triage.stages import ExtractDetailsStage, ProgramSource, StageConfig, TriageStage
 
@@ -33,7 +33,7 @@ def make_batch(transcripts: list[str | None], errors: list[str | None] | None = 
             "completion_tokens": [0] * n,
             "triaged_at": [datetime(2020, 1, 1, tzinfo=UTC)] * n,
         },
-        schema=OUTPUT_SCHEMA,
+        schema=WORKING_SCHEMA,
     )
 
 
@@ -191,7 +191,7 @@ def test_optimized_program_state_is_loaded(tmp_path):
 @pytest.mark.parametrize("stage_class", [TriageStage, ExtractDetailsStage])
 def test_stage_declarations(stage_class):
     assert stage_class.program_file in ("triager.json", "detail_extractor.json")
-    assert set(stage_class.output_fields()) <= set(OUTPUT_SCHEMA.names)
+    assert set(stage_class.output_fields()) <= set(WORKING_SCHEMA.names)
 
 
 def test_every_request_books_the_rate_limit_and_a_429_penalizes_it():

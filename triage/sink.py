@@ -20,7 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from triage.errors import ConfigError
-from triage.schema import OUTPUT_SCHEMA
+from triage.schema import OUTPUT_SCHEMA, to_output
 
 PART_PREFIX = "part-"
 TEMP_SUFFIX = ".tmp"
@@ -47,7 +47,7 @@ class PartWriter:
 
     def add(self, batch: pa.Table) -> None:
         if batch.num_rows:
-            self._pending.append(batch.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
+            self._pending.append(to_output(batch))
             self._pending_rows += batch.num_rows
         if self._pending_rows >= self.rows_per_file or (
             self._pending_rows and self.clock() - self._last_commit >= self.seconds_per_file

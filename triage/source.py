@@ -19,7 +19,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from triage.inputs import read_rows
-from triage.schema import OUTPUT_SCHEMA
+from triage.schema import WORKING_SCHEMA
 
 INPUT_ERROR_PREFIX = "input: "
 
@@ -51,10 +51,10 @@ def _blocks(rows: Iterator[dict[str, Any]], rows_per_block: int) -> Iterator[pa.
     for row in rows:
         chunk.append(row)
         if len(chunk) == rows_per_block:
-            yield pa.Table.from_pylist(chunk, schema=OUTPUT_SCHEMA)
+            yield pa.Table.from_pylist(chunk, schema=WORKING_SCHEMA)
             chunk = []
     if chunk:
-        yield pa.Table.from_pylist(chunk, schema=OUTPUT_SCHEMA)
+        yield pa.Table.from_pylist(chunk, schema=WORKING_SCHEMA)
 
 
 class TranscriptSource(Datasource):
@@ -86,5 +86,5 @@ class TranscriptSource(Datasource):
             metadata = BlockMetadata(
                 num_rows=None, size_bytes=Path(file).stat().st_size, input_files=[file], exec_stats=None
             )
-            tasks.append(ReadTask(read, metadata, schema=OUTPUT_SCHEMA, per_task_row_limit=per_task_row_limit))
+            tasks.append(ReadTask(read, metadata, schema=WORKING_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks

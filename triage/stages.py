@@ -1,7 +1,7 @@
 """Ray Data adapters that run the pure DSPy modules of `triage.programs` at scale.
 
 Data flow (one place): every batch is an Arrow table with the output schema
-(`triage.schema.OUTPUT_SCHEMA`). The reader fills `call_id`, `transcript`, `model`, zero
+(`triage.schema.WORKING_SCHEMA`). The reader fills `call_id`, `transcript`, `model`, zero
 token counts, and `errors` for rows that cannot be triaged ("input: ..."). Each stage
 then fills its own output fields for every other row, adds the tokens it spent, stamps
 `triaged_at`, and appends its failure to `errors` ("triage: ...") leaving its fields null.
@@ -40,7 +40,7 @@ from triage.errors import redact
 from triage.lm import LMSetup, build_lm
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
-from triage.schema import OUTPUT_SCHEMA
+from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 
 logger = logging.getLogger("triage")
@@ -278,7 +278,7 @@ class Stage:
             )
         now = datetime.now(UTC)
         columns["triaged_at"] = pa.array([now] * len(outcomes), pa.timestamp("us", tz="UTC"))
-        return pa.table([columns[name] for name in OUTPUT_SCHEMA.names], schema=OUTPUT_SCHEMA)
+        return pa.table([columns[name] for name in WORKING_SCHEMA.names], schema=WORKING_SCHEMA)
 
 
 def _tokens_so_far() -> int:
