@@ -6,7 +6,8 @@
 Per call it prints the seconds, prompt tokens (and how many were actually evaluated: the rest came
 from the KV cache), generated tokens and the answer; per setting, the averages, generated tokens/s
 (and per thread), and the process RSS after loading and at the end. The load average is printed
-too: the model shares the CPU with everything else, so check it is low before trusting numbers.
+too: the model shares the CPU with everything else, so check it is low before trusting wall times;
+with --threads 1 the CPU seconds per call approximate the wall time on an idle machine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -40,6 +42,11 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def load_rows(n: int) -> list[dict]:
@@ -76,14 +83,15 @@ def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
             module = dspy.ChainOfThought(signature)
             calls = []
             for row in rows:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_seconds()
                 prediction = module(transcript=row["transcript"])
-                seconds = time.perf_counter() - t0
+                seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
                 gen = engine.runtime.last_generation
                 answer = {k: prediction[k] for k in signature.output_fields}
                 calls.append(
                     {
                         "seconds": seconds,
+                        "cpu": cpu,
                         "prompt": gen.prompt_tokens,
                         "evaluated": gen.evaluated_prompt_tokens,
                         "prompt_s": gen.prompt_seconds,
@@ -97,7 +105,7 @@ def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
                     valid = answer["priority"] in PRIORITIES and answer["category"] in CATEGORIES
                     ok = f" valid={valid} expected={row['priority']}/{row['category']}"
                 print(
-                    f"  {name:14s} {row['call_id']} {seconds:5.2f}s prompt {gen.prompt_tokens} "
+                    f"  {name:14s} {row['call_id']} {seconds:5.2f}s (cpu {cpu:5.2f}s) prompt {gen.prompt_tokens} "
                     f"(evaluated {gen.evaluated_prompt_tokens} in {gen.prompt_seconds:.2f}s) "
                     f"gen {gen.completion_tokens} in {gen.generation_seconds:.2f}s [{gen.finish_reason}]{ok}",
                     flush=True,
@@ -114,6 +122,7 @@ def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
                 "mean_s": statistics.mean(c["seconds"] for c in calls),
                 "warm_mean_s": statistics.mean(c["seconds"] for c in warm),
                 "warm_median_s": statistics.median(c["seconds"] for c in warm),
+                "warm_mean_cpu_s": statistics.mean(c["cpu"] for c in warm),
                 "mean_completion_tokens": statistics.mean(c["completion"] for c in calls),
                 "mean_evaluated_prompt_warm": statistics.mean(c["evaluated"] for c in warm),
                 "prompt_tok_per_s": sum(c["evaluated"] for c in calls) / max(1e-9, sum(c["prompt_s"] for c in calls)),
@@ -123,7 +132,8 @@ def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
             report["modules"][name] = summary
             print(
                 f"  -> {name}: first {summary['first_call_s']:.2f}s, warm mean {summary['warm_mean_s']:.2f}s "
-                f"(median {summary['warm_median_s']:.2f}s), {summary['mean_completion_tokens']:.0f} tokens/call, "
+                f"(median {summary['warm_median_s']:.2f}s, cpu {summary['warm_mean_cpu_s']:.2f}s), "
+                f"{summary['mean_completion_tokens']:.0f} tokens/call, "
                 f"generation {summary['gen_tok_per_s']:.1f} tok/s ({summary['gen_tok_per_s_per_thread']:.1f}/thread), "
                 f"prompt eval {summary['prompt_tok_per_s']:.0f} tok/s",
                 flush=True,
