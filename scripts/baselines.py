@@ -105,7 +105,7 @@ def original(input_path: str, output: str, api_base: str, concurrency: int) -> N
         include_dashboard=False, runtime_env={"env_vars": {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}}, log_to_driver=False
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_json(input_path)
+    ds = ray.data.read_json(input_path, num_cpus=0.25)  # 8 actors x 0.25 leave no whole CPU on 2 cores
     for stage in (_SyncTriage, _SyncDetails):
         ds = ds.map_batches(
             stage,
