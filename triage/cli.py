@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from triage.errors import TriageError, redact
-from triage.settings import resolve_settings, setting_help
+from triage.settings import Settings, resolve_settings, setting_help
 
 RUN_FLAGS = ("input", "output", "model", "api_base", "optimized_dir", "concurrency", "limit", "rpm", "tpm")
 FLAG_TYPES = {"concurrency": int, "limit": int, "rpm": float, "tpm": float}
@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--input", default="output/triaged_calls/", help="the triaged dataset [default: %(default)s]")
     report.add_argument("--output", default="output/report.html", help="the HTML file to write [default: %(default)s]")
+    _add_evaluate_and_optimize(commands, helps)
     return parser
 
 
@@ -76,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "report":
         return _report(args)
+    if args.command in SETTING_FLAGS:
+        return _evaluate_or_optimize(args)
     _configure_logging(args.verbose)
     secrets: list[str] = []
     try:
@@ -92,4 +95,90 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     print(summary.line())
+    return 0
+
+
+# ─── evaluate / optimize ─────────────────────────────────────────────────────────────────────────
+
+SETTING_FLAGS = {
+    "evaluate": ("model", "api_base", "optimized_dir", "concurrency", "limit"),
+    "optimize": ("model", "api_base", "optimized_dir", "concurrency"),
+}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str], helps: dict,
+                       renamed: dict[str, str] | None = None) -> None:
+    for name in names:
+        env, text, default = helps[name]
+        flag = (renamed or {}).get(name, name.replace("_", "-"))
+        parser.add_argument(f"--{flag}", dest=name, type=FLAG_TYPES.get(name, str), default=None,
+                            help=f"{text} [{env}; default: {default}]")
+
+
+def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="score both programs on a labeled file: accuracy, urgent recall, confusion matrices",
+        description="Runs the pipeline's stages over a labeled JSONL file and writes a Markdown + JSON report.",
+    )
+    evaluate.add_argument("--input", dest="labeled", required=True,
+                          help="labeled JSONL (transcript, priority, category, location, subject_description)")
+    _add_setting_flags(evaluate, SETTING_FLAGS["evaluate"], helps)
+    evaluate.add_argument("--report", default="output/evaluation",
+                          help="writes REPORT.md and REPORT.json [default: %(default)s]")
+    evaluate.add_argument("--verbose", action="store_true", help="show DSPy's own logs")
+
+    optimize = commands.add_parser(
+        "optimize", help="compile both programs on the train split and report before/after on dev",
+        description="Saves OUTPUT_DIR/triager.json, detail_extractor.json and report.{md,json} atomically.",
+    )
+    optimize.add_argument("--optimizer", default="labeled",
+                          help="labeled (default, no LM calls), bootstrap, mipro (needs dspy[optuna]) or gepa "
+                               "(needs --reflection-model)")
+    optimize.add_argument("--train", default="data/train.jsonl", help="labeled calls to learn from [%(default)s]")
+    optimize.add_argument("--dev", default="data/dev.jsonl", help="labeled calls for the report [%(default)s]")
+    optimize.add_argument("--test", default="data/test.jsonl", help="used instead of --dev with --eval-split test")
+    optimize.add_argument("--eval-split", default="dev", help="dev or test [%(default)s]")
+    optimize.add_argument("--max-train", type=int, default=None, help="use only the first N train calls")
+    optimize.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N calls only")
+    optimize.add_argument("--demos", type=int, default=6, help="demos per program [%(default)s]")
+    optimize.add_argument("--reflection-model", default=None,
+                          help="GEPA's reflection / MIPROv2's prompt model [TRIAGE_REFLECTION_MODEL]")
+    _add_setting_flags(optimize, SETTING_FLAGS["optimize"], helps, {"optimized_dir": "output-dir"})
+    optimize.add_argument("--verbose", action="store_true", help="show DSPy's own logs")
+
+
+def _evaluate(settings: Settings, args: argparse.Namespace) -> str:
+    from triage.evaluation import evaluate
+
+    report = evaluate(settings, args.labeled, limit=settings.limit)
+    markdown, data = report.write(args.report)
+    return f"{report.line()} -> {markdown}, {data}"
+
+
+def _optimize(settings: Settings, args: argparse.Namespace) -> str:
+    from triage.optimize import OptimizeOptions, optimize, resolve_reflection_model
+
+    options = OptimizeOptions(
+        optimizer=args.optimizer, train=args.train, dev=args.dev, test=args.test, eval_split=args.eval_split,
+        max_train=args.max_train, max_eval=args.max_eval, demos=args.demos,
+        reflection_model=resolve_reflection_model(args.reflection_model),
+    )
+    return optimize(settings, options).line()
+
+
+def _evaluate_or_optimize(args: argparse.Namespace) -> int:
+    _configure_logging(args.verbose)
+    secrets: list[str] = []
+    try:
+        settings = resolve_settings({name: getattr(args, name) for name in SETTING_FLAGS[args.command]})
+        if settings.api_key is not None:
+            secrets.append(settings.api_key.reveal())
+        line = (_evaluate if args.command == "evaluate" else _optimize)(settings, args)
+    except TriageError as exc:
+        print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print(line)
     return 0

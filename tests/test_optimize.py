@@ -1,0 +1,277 @@
+"""`optimize` end to end against the fake provider: both programs and the report, written atomically."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import dspy
+import pytest
+
+import triage.evaluation
+import triage.optimize
+from tests.fake_provider import FakeProvider, expected_answer
+from triage.cli import main
+from triage.errors import TriageError
+from triage.evaluation import load_labeled
+from triage.optimize import (
+    OptimizeOptions,
+    OptimizerUnavailable,
+    details_demo,
+    is_urgent,
+    optimize,
+    resolve_reflection_model,
+    select_covering,
+    triage_demo,
+    triage_features,
+)
+from triage.programs import CATEGORIES, PRIORITIES, CallTriager, DetailExtractor
+from triage.settings import Settings
+from triage.stages import ProgramSource
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "data" / "train.jsonl")
+DEV = str(ROOT / "data" / "dev.jsonl")
+OLD = {
+    "triager.json": '{"old": "triager"}\n',
+    "detail_extractor.json": '{"old": "extractor"}\n',
+    "report.md": "# old report\n",
+    "report.json": "{}\n",
+}
+
+
+@pytest.fixture
+def provider() -> Iterator[FakeProvider]:
+    with FakeProvider() as fp:
+        yield fp
+
+
+def fake_settings(provider: FakeProvider) -> Settings:
+    return Settings(
+        model="openai/fake", api_base=provider.url, cache=False, validation_attempts=1, max_retries=0, concurrency=4
+    )
+
+
+def options(tmp_path: Path, **overrides) -> OptimizeOptions:
+    values = {
+        "train": TRAIN,
+        "dev": DEV,
+        "output_dir": str(tmp_path / "optimized"),
+        "max_train": 40,
+        "max_eval": 4,
+    } | overrides
+    return OptimizeOptions(**values)
+
+
+def test_labeled_optimize_writes_both_programs_and_the_report(provider, tmp_path):
+    result = optimize(fake_settings(provider), options(tmp_path))
+    out = tmp_path / "optimized"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "detail_extractor.json",
+        "report.json",
+        "report.md",
+        "triager.json",
+    ]
+    assert result.files == [out / "triager.json", out / "detail_extractor.json", out / "report.md", out / "report.json"]
+
+    triager, extractor = CallTriager(), DetailExtractor()
+    triager.load_state(ProgramSource.load(out, "triager.json").state)
+    extractor.load_state(ProgramSource.load(out, "detail_extractor.json").state)
+    demos = triager.triage.predict.demos
+    assert len(demos) == 6 and len(extractor.extract.predict.demos) == 6
+    # The default optimizer's demos show every priority and every category, each demo complete.
+    assert {d["priority"] for d in demos} == set(PRIORITIES) and {d["category"] for d in demos} == set(CATEGORIES)
+    assert all(d["reasoning"] and d["summary"] for d in demos)
+
+    lm = dspy.LM("openai/fake", api_base=provider.url, api_key="none", cache=False)
+    transcript = "Caller: smoke is pouring out of the garage at 12 Elm Street."
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
+        answer, details = triager(transcript=transcript), extractor(transcript=transcript)
+    assert answer.priority == expected_answer(transcript)["priority"]
+    assert details.location == expected_answer(transcript)["location"]
+
+    markdown = (out / "report.md").read_text()
+    assert "- Optimizer: `labeled` (6 demos per program)" in markdown
+    assert f"- Train: `{TRAIN}` (first 40 calls)" in markdown
+    assert f"- Evaluated on: `{DEV}` (4 calls, the first 4 of the file)" in markdown
+    assert "| metric | unoptimized | optimized |" in markdown
+    assert "| LM calls (triage / details) | 4 / 4 | 4 / 4 |" in markdown
+    assert "| triage | 0 | 0 | 0 |" in markdown  # LabeledFewShot makes no LM call
+    assert "## Priority confusion (optimized)" in markdown
+    data = json.loads((out / "report.json").read_text())
+    assert data["optimizer"] == "labeled" and data["model"] == "openai/fake"
+    assert data["unoptimized"]["n"] == data["optimized"]["n"] == 4
+    assert data["unoptimized"]["programs"]["triage"] == "default prompts"
+    assert data["optimized"]["programs"]["triage"] == ProgramSource.load(out, "triager.json").label
+    assert data["optimizer_usage"]["triage"] == {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    # Against the fake provider demos change nothing: same answers before and after.
+    assert data["optimized"]["scores"]["priority_accuracy"] == data["unoptimized"]["scores"]["priority_accuracy"]
+    assert "priority" in result.line() and "->" in result.line()
+
+
+def test_bootstrap_optimize_counts_the_optimizers_lm_calls(provider, tmp_path):
+    result = optimize(fake_settings(provider), options(tmp_path, optimizer="bootstrap", max_train=4, max_eval=2))
+    assert result.optimizer_usage["triage"].calls > 0 and result.optimizer_usage["triage"].prompt_tokens > 0
+    state = ProgramSource.load(tmp_path / "optimized", "triager.json").state
+    CallTriager().load_state(state)
+    assert state["metadata"]["triage"]["optimizer"] == "bootstrap"
+
+
+def write_old_files(out: Path) -> None:
+    out.mkdir(parents=True)
+    for name, text in OLD.items():
+        (out / name).write_text(text)
+
+
+def assert_old_files_untouched(out: Path) -> None:
+    assert sorted(p.name for p in out.iterdir()) == sorted(OLD)  # and no temporary file left behind
+    for name, text in OLD.items():
+        assert (out / name).read_text() == text
+
+
+def test_a_failure_while_compiling_leaves_the_old_programs(provider, tmp_path, monkeypatch):
+    real_compile = triage.optimize.compile_target
+
+    def compile_then_fail(target, *args, **kwargs):
+        if target.name == "details":
+            raise RuntimeError("the optimizer crashed")
+        return real_compile(target, *args, **kwargs)
+
+    monkeypatch.setattr(triage.optimize, "compile_target", compile_then_fail)
+    out = tmp_path / "optimized"
+    write_old_files(out)
+    with pytest.raises(RuntimeError, match="the optimizer crashed"):
+        optimize(fake_settings(provider), options(tmp_path))
+    assert_old_files_untouched(out)
+
+
+def test_a_failure_while_writing_leaves_the_old_files_and_no_temporary_file(provider, tmp_path, monkeypatch):
+    real_fsync, calls = os.fsync, []
+
+    def fsync_fails_on_the_third_file(descriptor: int) -> None:
+        calls.append(descriptor)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(triage.evaluation.os, "fsync", fsync_fails_on_the_third_file)
+    out = tmp_path / "optimized"
+    write_old_files(out)
+    with pytest.raises(TriageError, match=r"could not write .*report\.md: No space left on device"):
+        optimize(fake_settings(provider), options(tmp_path))
+    assert len(calls) == 3
+    assert_old_files_untouched(out)
+
+
+def test_select_covering_shows_every_label_evenly_with_an_urgent_demo_last():
+    train = load_labeled(TRAIN)
+    chosen = select_covering(train, triage_features, 6, last=is_urgent)
+    assert {e.priority for e in chosen} == set(PRIORITIES) and {e.category for e in chosen} == set(CATEGORIES)
+    assert chosen[-1].priority == "urgent"
+    assert all(len(e.transcript.split()) <= triage.optimize.MAX_DEMO_WORDS for e in chosen)
+    assert select_covering(train, triage_features, 6, last=is_urgent) == chosen  # reproducible
+    twelve = select_covering(train, triage_features, 12)
+    assert Counter(e.priority for e in twelve) == {"urgent": 4, "non_urgent": 4, "not_an_emergency": 4}
+    assert Counter(e.category for e in twelve) == dict.fromkeys(CATEGORIES, 2)
+    assert len(select_covering(train[:3], triage_features, 6)) == 3
+
+
+def test_labeled_demos_are_complete_and_built_from_the_gold_labels():
+    example = dspy.Example(
+        transcript="t",
+        priority="urgent",
+        category="fire",
+        location="12 Elm St",
+        subject_description="family of four on the roof",
+    ).with_inputs("transcript")
+    demo = triage_demo(example)
+    assert demo.summary == "Family of four on the roof (12 Elm St)."
+    assert demo.reasoning == "The call is about family of four on the roof; category fire."
+    assert (demo.priority, demo.category) == ("urgent", "fire")
+    details = details_demo(example)
+    assert details.reasoning == "The location and the person are quoted from the call."
+    assert (details.location, details.subject_description) == ("12 Elm St", "family of four on the roof")
+    empty = dspy.Example(
+        transcript="t", priority="not_an_emergency", category="other", location="", subject_description=""
+    )
+    assert triage_demo(empty).summary == "A matter with no one at risk."
+    assert triage_demo(empty).reasoning == "The call is about a matter with no one at risk; category other."
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna is installed")
+def test_mipro_without_optuna_says_how_to_install_it(tmp_path):
+    with pytest.raises(OptimizerUnavailable, match=r'pip install "dspy\[optuna\]"'):
+        optimize(Settings(), options(tmp_path, optimizer="mipro"))
+
+
+def test_gepa_without_a_reflection_model_is_refused_before_any_work(tmp_path):
+    with pytest.raises(OptimizerUnavailable, match="TRIAGE_REFLECTION_MODEL"):
+        optimize(Settings(), options(tmp_path, optimizer="gepa"))
+    assert not (tmp_path / "optimized").exists()
+
+
+def test_reflection_model_precedence(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("TRIAGE_REFLECTION_MODEL=openai/from-dotenv\n")
+    assert resolve_reflection_model(None, environ={}, dotenv_path=dotenv) == "openai/from-dotenv"
+    env = {"TRIAGE_REFLECTION_MODEL": "openai/from-env"}
+    assert resolve_reflection_model(None, environ=env, dotenv_path=dotenv) == "openai/from-env"
+    assert resolve_reflection_model("openai/flag", environ=env, dotenv_path=dotenv) == "openai/flag"
+    assert resolve_reflection_model(None, environ={}, dotenv_path=None) is None
+
+
+def test_cli_optimize_writes_the_programs_and_prints_one_line(provider, tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "programs"
+    caplog.set_level(logging.INFO, logger="triage")
+    code = main(
+        [
+            "optimize",
+            "--model",
+            "openai/fake",
+            "--api-base",
+            provider.url,
+            "--train",
+            TRAIN,
+            "--dev",
+            DEV,
+            "--max-train",
+            "30",
+            "--max-eval",
+            "3",
+            "--output-dir",
+            str(out),
+        ]
+    )
+    stdout = capsys.readouterr().out
+    assert code == 0
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wrote {out / 'triager.json'}, {out / 'detail_extractor.json'}")
+    assert "[1/5] evaluating the default prompts on 3 dev calls" in caplog.text
+    assert "[5/5] saving" in caplog.text
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--optimizer", "gepa"],
+            "error: --optimizer gepa needs a reflection model: set --reflection-model or TRIAGE_REFLECTION_MODEL",
+        ),
+        (["--optimizer", "magic"], "error: --optimizer must be one of labeled, bootstrap, mipro, gepa, got 'magic'"),
+        (["--max-train", "0"], "error: --max-train must be at least 1, got 0"),
+        (["--train", "nowhere.jsonl"], "error: labeled file nowhere.jsonl does not exist"),
+    ],
+)
+def test_cli_optimize_errors_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(message) and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == ""
