@@ -63,8 +63,10 @@ def test_run_with_key_only_in_dotenv_writes_dataset_and_leaks_no_secret(tmp_path
         result = triage_cli("run", "--input", "calls.jsonl", "--output", "out", "--model", "openai/fake", cwd=tmp_path)
         assert provider.stats()["outcomes"]["401"] == 0
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1].startswith(
-        "8 rows in, 0 skipped as already done, 8 triaged, 8 rows out, 0 with errors"
+    assert (
+        result.stdout.strip()
+        .splitlines()[-1]
+        .startswith("8 rows in, 0 skipped as already done, 8 triaged, 8 rows out, 0 with errors")
     )
     frame = pd.read_parquet(tmp_path / "out")
     assert sorted(frame["call_id"]) == sorted(f"calls.jsonl:{i}" for i in range(1, 9))

@@ -210,12 +210,17 @@ def test_every_request_books_the_rate_limit_and_a_429_penalizes_it():
         async def penalize(self, retry_after: float | None) -> None:
             self.calls.append(("penalize", retry_after))
 
-    answers = iter([RateLimitError("slow down", retry_after=3.0), fields_for("triage", priority="bad"),
-                    fields_for("triage")])
+    answers = iter(
+        [RateLimitError("slow down", retry_after=3.0), fields_for("triage", priority="bad"), fields_for("triage")]
+    )
     lm, engine = scripted_lm(lambda request: next(answers))
     limiter = RecordingLimiter()
-    stage = TriageStage(StageConfig(settings=Settings(model="scripted/test"), program=ProgramSource(None, "d")),
-                        lm_setup=LMSetup(lm, ChatAdapter), sleep=lambda s: asyncio.sleep(0), limiter=limiter)
+    stage = TriageStage(
+        StageConfig(settings=Settings(model="scripted/test"), program=ProgramSource(None, "d")),
+        lm_setup=LMSetup(lm, ChatAdapter),
+        sleep=lambda s: asyncio.sleep(0),
+        limiter=limiter,
+    )
     rows = run_stage(stage, make_batch(["x" * 400]))
     assert rows[0]["priority"] == "urgent"
     kinds = [c[0] for c in limiter.calls]

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from triage.errors import TriageError, redact
 from triage.settings import Settings, resolve_settings, setting_help
@@ -78,23 +78,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return _report(args)
     if args.command in SETTING_FLAGS:
-        return _evaluate_or_optimize(args)
+        return _with_settings(args, SETTING_FLAGS[args.command], _evaluate if args.command == "evaluate" else _optimize)
+    return _with_settings(args, (*RUN_FLAGS, "overwrite"), _run)
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> str:
+    from triage.pipeline import run
+
+    return run(settings, verbose=args.verbose).line()
+
+
+def _with_settings(
+    args: argparse.Namespace, flags: Sequence[str], command: Callable[[Settings, argparse.Namespace], str]
+) -> int:
+    """Resolve the settings, run one library call, print its one-line summary; a TriageError is one line, exit 2."""
     _configure_logging(args.verbose)
     secrets: list[str] = []
     try:
-        settings = resolve_settings({name: getattr(args, name) for name in (*RUN_FLAGS, "overwrite")})
+        settings = resolve_settings({name: getattr(args, name) for name in flags})
         if settings.api_key is not None:
             secrets.append(settings.api_key.reveal())
-        from triage.pipeline import run
-
-        summary = run(settings, verbose=args.verbose)
+        line = command(settings, args)
     except TriageError as exc:
         print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    print(summary.line())
+    print(line)
     return 0
 
 
@@ -106,34 +117,49 @@ SETTING_FLAGS = {
 }
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str], helps: dict,
-                       renamed: dict[str, str] | None = None) -> None:
+def _add_setting_flags(
+    parser: argparse.ArgumentParser, names: Sequence[str], helps: dict, renamed: dict[str, str] | None = None
+) -> None:
     for name in names:
         env, text, default = helps[name]
         flag = (renamed or {}).get(name, name.replace("_", "-"))
-        parser.add_argument(f"--{flag}", dest=name, type=FLAG_TYPES.get(name, str), default=None,
-                            help=f"{text} [{env}; default: {default}]")
+        parser.add_argument(
+            f"--{flag}",
+            dest=name,
+            type=FLAG_TYPES.get(name, str),
+            default=None,
+            help=f"{text} [{env}; default: {default}]",
+        )
 
 
 def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict) -> None:
     evaluate = commands.add_parser(
-        "evaluate", help="score both programs on a labeled file: accuracy, urgent recall, confusion matrices",
+        "evaluate",
+        help="score both programs on a labeled file: accuracy, urgent recall, confusion matrices",
         description="Runs the pipeline's stages over a labeled JSONL file and writes a Markdown + JSON report.",
     )
-    evaluate.add_argument("--input", dest="labeled", required=True,
-                          help="labeled JSONL (transcript, priority, category, location, subject_description)")
+    evaluate.add_argument(
+        "--input",
+        dest="labeled",
+        required=True,
+        help="labeled JSONL (transcript, priority, category, location, subject_description)",
+    )
     _add_setting_flags(evaluate, SETTING_FLAGS["evaluate"], helps)
-    evaluate.add_argument("--report", default="output/evaluation",
-                          help="writes REPORT.md and REPORT.json [default: %(default)s]")
+    evaluate.add_argument(
+        "--report", default="output/evaluation", help="writes REPORT.md and REPORT.json [default: %(default)s]"
+    )
     evaluate.add_argument("--verbose", action="store_true", help="show DSPy's own logs")
 
     optimize = commands.add_parser(
-        "optimize", help="compile both programs on the train split and report before/after on dev",
+        "optimize",
+        help="compile both programs on the train split and report before/after on dev",
         description="Saves OUTPUT_DIR/triager.json, detail_extractor.json and report.{md,json} atomically.",
     )
-    optimize.add_argument("--optimizer", default="labeled",
-                          help="labeled (default, no LM calls), bootstrap, mipro (needs dspy[optuna]) or gepa "
-                               "(needs --reflection-model)")
+    optimize.add_argument(
+        "--optimizer",
+        default="labeled",
+        help="labeled (default, no LM calls), bootstrap, mipro (needs dspy[optuna]) or gepa (needs --reflection-model)",
+    )
     optimize.add_argument("--train", default="data/train.jsonl", help="labeled calls to learn from [%(default)s]")
     optimize.add_argument("--dev", default="data/dev.jsonl", help="labeled calls for the report [%(default)s]")
     optimize.add_argument("--test", default="data/test.jsonl", help="used instead of --dev with --eval-split test")
@@ -141,8 +167,9 @@ def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict
     optimize.add_argument("--max-train", type=int, default=None, help="use only the first N train calls")
     optimize.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N calls only")
     optimize.add_argument("--demos", type=int, default=6, help="demos per program [%(default)s]")
-    optimize.add_argument("--reflection-model", default=None,
-                          help="GEPA's reflection / MIPROv2's prompt model [TRIAGE_REFLECTION_MODEL]")
+    optimize.add_argument(
+        "--reflection-model", default=None, help="GEPA's reflection / MIPROv2's prompt model [TRIAGE_REFLECTION_MODEL]"
+    )
     _add_setting_flags(optimize, SETTING_FLAGS["optimize"], helps, {"optimized_dir": "output-dir"})
     optimize.add_argument("--verbose", action="store_true", help="show DSPy's own logs")
 
@@ -159,26 +186,14 @@ def _optimize(settings: Settings, args: argparse.Namespace) -> str:
     from triage.optimize import OptimizeOptions, optimize, resolve_reflection_model
 
     options = OptimizeOptions(
-        optimizer=args.optimizer, train=args.train, dev=args.dev, test=args.test, eval_split=args.eval_split,
-        max_train=args.max_train, max_eval=args.max_eval, demos=args.demos,
+        optimizer=args.optimizer,
+        train=args.train,
+        dev=args.dev,
+        test=args.test,
+        eval_split=args.eval_split,
+        max_train=args.max_train,
+        max_eval=args.max_eval,
+        demos=args.demos,
         reflection_model=resolve_reflection_model(args.reflection_model),
     )
     return optimize(settings, options).line()
-
-
-def _evaluate_or_optimize(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
-    secrets: list[str] = []
-    try:
-        settings = resolve_settings({name: getattr(args, name) for name in SETTING_FLAGS[args.command]})
-        if settings.api_key is not None:
-            secrets.append(settings.api_key.reveal())
-        line = (_evaluate if args.command == "evaluate" else _optimize)(settings, args)
-    except TriageError as exc:
-        print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    print(line)
-    return 0

@@ -299,11 +299,12 @@ def compile_target(
 ) -> dspy.Module:
     """The compiled program for one target (runs inside the caller's dspy.context)."""
     student = target.module_class()
-    demos = [target.demo(example) for example in trainset]
     if options.optimizer == "labeled":
         chosen = select_covering(trainset, target.features, options.demos, options.seed, last=target.last)
         chosen_demos = [target.demo(example) for example in chosen]
         return dspy.LabeledFewShot(k=len(chosen_demos)).compile(student, trainset=chosen_demos, sample=False)
+    # The searching optimizers take complete demos too: their labeled demos come from this trainset.
+    demos = [target.demo(example) for example in trainset]
     max_errors = 10 * len(trainset) + 10  # a bad answer scores 0; it must never stop the search
     if options.optimizer == "bootstrap":
         optimizer = dspy.BootstrapFewShotWithRandomSearch(

@@ -62,9 +62,7 @@ class Progress:
         elapsed = max(now - self.started, 1e-9)
         rate = self.done / elapsed
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        left = (
-            f", {_duration((self.total - self.done) / rate)} left" if rate > 0 and self.done < self.total else ""
-        )
+        left = f", {_duration((self.total - self.done) / rate)} left" if rate > 0 and self.done < self.total else ""
         return (
             f"{self.label}: {self.done}/{self.total} rows{share}, {rate:.1f} rows/s, "
             f"{self.errors} with errors, {_count(self.tokens)} tokens{left}"

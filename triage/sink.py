@@ -33,8 +33,14 @@ class PartWriter:
     since the last commit (so a slow model still commits its work often), and at `close()`.
     """
 
-    def __init__(self, folder: str | Path, *, rows_per_file: int, seconds_per_file: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        rows_per_file: int,
+        seconds_per_file: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.folder = Path(folder)
         self.rows_per_file = rows_per_file
         self.seconds_per_file = seconds_per_file
