@@ -118,3 +118,14 @@ def test_duplicate_ids_are_made_unique_on_every_occurrence(tmp_path):
     assert scan.call_ids == ["X@a.jsonl:1", "Y", "X@b.jsonl:1", "b.jsonl:2"]
     assert [r["call_id"] for f in (first, second) for r in read_rows(f, scan.duplicates)] == scan.call_ids
     assert scan_inputs([first, second], limit=2).call_ids == ["X@a.jsonl:1", "Y"]
+
+
+def test_overlong_transcripts_are_cut_with_a_note_and_done_rows_are_left_out(tmp_path):
+    from triage.source import prepared_rows
+
+    path = tmp_path / "calls.jsonl"
+    path.write_text('{"call_id": "long", "transcript": "' + "x" * 50 + '"}\n{"call_id": "done", "transcript": "y"}\n')
+    rows = list(prepared_rows(path, model="m", duplicates=frozenset(), to_do=frozenset({"long"}), max_chars=20))
+    assert [r["call_id"] for r in rows] == ["long"]
+    assert rows[0]["transcript"] == "x" * 20
+    assert rows[0]["errors"] == "input: transcript cut to 20 of 50 characters"
