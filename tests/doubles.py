@@ -88,3 +88,24 @@ def fields_for(kind: str, **values: Any) -> dict[str, str]:
     else:
         base |= {"location": "1 Main St", "subject_description": "a man"}
     return base | {k: str(v) for k, v in values.items()}
+
+
+def triage_run_command(api_base: str, *extra: str) -> list[str]:
+    """`python -m triage run` on calls.jsonl -> out in the working directory, against a fake provider."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "triage",
+        "run",
+        "--input",
+        "calls.jsonl",
+        "--output",
+        "out",
+        "--model",
+        "openai/fake",
+        "--api-base",
+        api_base,
+        *extra,
+    ]

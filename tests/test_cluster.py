@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.doubles import triage_run_command
 from tests.fake_provider import FakeProvider, expected_answer
 
 pytestmark = pytest.mark.slow
@@ -76,24 +77,7 @@ def test_run_on_an_existing_two_node_cluster_with_a_shared_rate_limit(tmp_path, 
         run_env = {k: v for k, v in env.items() if not k.startswith("TRIAGE_")}
         run_env.update(RAY_ADDRESS=address, TRIAGE_CACHE="false")
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "triage",
-                "run",
-                "--input",
-                "calls.jsonl",
-                "--output",
-                "out",
-                "--model",
-                "openai/fake",
-                "--api-base",
-                provider.url,
-                "--concurrency",
-                "8",
-                "--rpm",
-                "1200",
-            ],
+            triage_run_command(provider.url, "--concurrency", "8", "--rpm", "1200"),
             cwd=tmp_path,
             env=run_env,
             capture_output=True,

@@ -6,13 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.doubles import triage_run_command
 from tests.fake_provider import FakeProvider, expected_answer, transcript_key
 from triage.sink import completed_ids
 
@@ -24,23 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def start_run(folder: Path, provider: FakeProvider, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIAGE_", "RAY_ADDRESS"))}
     env.update(TRIAGE_COMMIT_SECONDS="0.5", TRIAGE_CACHE="false")
-    command = [
-        sys.executable,
-        "-m",
-        "triage",
-        "run",
-        "--input",
-        "calls.jsonl",
-        "--output",
-        "out",
-        "--model",
-        "openai/fake",
-        "--api-base",
-        provider.url,
-        "--concurrency",
-        "4",
-        *extra,
-    ]
+    command = triage_run_command(provider.url, "--concurrency", "4", *extra)
     # A session of its own, so the whole process group (driver and the Ray it started) can be killed.
     return subprocess.Popen(
         command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
