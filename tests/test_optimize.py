@@ -71,6 +71,7 @@ def options(tmp_path: Path, **overrides) -> OptimizeOptions:
 def test_labeled_optimize_writes_both_programs_and_the_report(provider, tmp_path):
     result = optimize(fake_settings(provider), options(tmp_path))
     out = tmp_path / "optimized"
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())  # not mkstemp's 0600
     assert sorted(p.name for p in out.iterdir()) == [
         "detail_extractor.json",
         "report.json",

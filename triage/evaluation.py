@@ -328,6 +328,7 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             temporary[path] = Path(name)
+            os.fchmod(descriptor, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes 0600
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
