@@ -80,7 +80,7 @@ def _pss_kb(pid: int) -> int:
 
 
 class MemorySampler(threading.Thread):
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
+    def __init__(self, pid: int, interval: float = 2.0) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval, self.peak_kb = pid, interval, 0
         self._done = threading.Event()

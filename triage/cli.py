@@ -83,9 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> str:
-    from triage.pipeline import run
+    from triage.pipeline import run, stop_ray
 
-    return run(settings, verbose=args.verbose).line()
+    try:
+        return run(settings, verbose=args.verbose).line()
+    finally:
+        stop_ray()
 
 
 def _with_settings(

@@ -63,8 +63,10 @@ class JSONAdapter(_FeedbackMixin, dspy.JSONAdapter):
 
 def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = None) -> LMSetup:
     """The LM named by `settings.model`; `local/...` is the embedded model, anything else DSPy's client."""
+    from triage import dspy_speedups
     from triage.local_model import is_local_model, make_local_lm
 
+    dspy_speedups.install()
     if is_local_model(settings.model):
         return LMSetup(make_local_lm(settings.model, threads=threads, cache=settings.cache), JSONAdapter)
     kwargs: dict[str, Any] = {"timeout": settings.timeout}

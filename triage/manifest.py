@@ -28,23 +28,23 @@ def package_versions() -> dict[str, str | None]:
 
 
 def price_per_token(model: str) -> tuple[float, float] | None:
-    """(input, output) USD per token from LiteLLM's bundled price list, or None when unknown.
+    """(input, output) USD per token from the price list bundled with DSPy, or None when unknown.
 
-    The embedded model costs nothing; a model the list does not know gets no estimate.
+    That list is LiteLLM's, read through DSPy (importing LiteLLM itself costs seconds). The
+    embedded model costs nothing; a model the list does not know gets no estimate.
     """
     if model.startswith("local/"):
         return (0.0, 0.0)
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    try:
-        import litellm
-    except ImportError:
+    provider, _, name = model.partition("/")
+    if not name:
         return None
-    name = model.split("/", 1)[1] if "/" in model else model
-    for key in (model, name):
-        entry = litellm.model_cost.get(key)
-        if entry and "input_cost_per_token" in entry:
-            return float(entry["input_cost_per_token"]), float(entry.get("output_cost_per_token", 0.0))
-    return None
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # the bundled list, no download
+    from dspy.clients.model_metadata import model_info
+
+    entry = model_info(provider, name)
+    if entry.get("input_cost_per_token") is None:
+        return None
+    return float(entry["input_cost_per_token"]), float(entry.get("output_cost_per_token") or 0.0)
 
 
 def estimated_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
