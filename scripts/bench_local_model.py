@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import dspy  # noqa: E402
 
+from triage.lm import GrammarJSONAdapter  # noqa: E402
 from triage.local_model import (  # noqa: E402
     DEFAULT_FIELD_MAX_CHARS,
     DEFAULT_MAX_STRING_CHARS,
@@ -78,7 +79,7 @@ def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
     print(f"\n== threads={threads}: load {load_s:.2f}s, RSS {rss_before:.0f} -> {rss_loaded:.0f} MB", flush=True)
 
     report: dict = {"threads": threads, "load_s": load_s, "rss_loaded_mb": rss_loaded, "modules": {}}
-    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+    with dspy.context(lm=lm, adapter=GrammarJSONAdapter()):
         for name, signature in (("TriageCall", TriageCall), ("ExtractDetails", ExtractDetails)):
             module = dspy.ChainOfThought(signature)
             calls = []

@@ -7,6 +7,9 @@ otherwise multiply. The optimizer, which calls the LM directly, keeps DSPy's ret
 
 from __future__ import annotations
 
+import json
+import textwrap
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,10 +58,44 @@ class ChatAdapter(_FeedbackMixin, dspy.ChatAdapter):
 
 
 class JSONAdapter(_FeedbackMixin, dspy.JSONAdapter):
-    """JSON answers; the embedded model decodes under a grammar built from this schema."""
+    """JSON answers, in DSPy's own wording."""
 
     def __init__(self, feedback: str | None = None) -> None:
         super().__init__(feedback=feedback)
+
+
+class GrammarJSONAdapter(JSONAdapter):
+    """DSPy's JSON adapter with a short prompt, for a model whose output a grammar constrains.
+
+    The embedded model decodes under a grammar built from the signature's JSON schema, so it
+    cannot get the format wrong, and the ~300 tokens DSPy spends describing the format buy
+    nothing. They cost a lot: on this CPU a 135M model generates about half as fast at
+    position 600 as at position 200. The system message is the signature's instructions and
+    one line per output field; the user message is the inputs alone; demos are compact JSON.
+    Parsing, the response schema and demos work as in `dspy.JSONAdapter`, so optimizers can
+    compile programs through it.
+    """
+
+    def format_system_message(self, signature: type[dspy.Signature]) -> str:
+        lines = [textwrap.dedent(signature.instructions).strip(), "", "Answer in JSON with these fields:"]
+        for name, field in signature.output_fields.items():
+            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
+            description = (field.json_schema_extra or {}).get("desc") or ""
+            if description.startswith("${"):  # DSPy's placeholder for an undescribed field
+                description = ""
+            kind = f"one of {', '.join(choices)}" if choices else ""
+            details = "; ".join(part for part in (kind, description) if part)
+            lines.append(f"- {name}: {details}" if details else f"- {name}")
+        return "\n".join(lines)
+
+    def user_message_output_requirements(self, signature: type[dspy.Signature]) -> str | None:
+        return None
+
+    def format_field_with_value(self, fields_with_values: dict[Any, Any], role: str = "user") -> str:
+        if role == "user":
+            return super().format_field_with_value(fields_with_values, role)
+        values = {field.name: value for field, value in fields_with_values.items()}
+        return json.dumps(values, ensure_ascii=False)
 
 
 def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = None) -> LMSetup:
@@ -68,7 +105,7 @@ def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = 
 
     dspy_speedups.install()
     if is_local_model(settings.model):
-        return LMSetup(make_local_lm(settings.model, threads=threads, cache=settings.cache), JSONAdapter)
+        return LMSetup(make_local_lm(settings.model, threads=threads, cache=settings.cache), GrammarJSONAdapter)
     kwargs: dict[str, Any] = {"timeout": settings.timeout}
     if settings.api_base:
         kwargs["api_base"] = settings.api_base
