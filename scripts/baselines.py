@@ -105,16 +105,18 @@ def original(input_path: str, output: str, api_base: str, concurrency: int) -> N
         include_dashboard=False, runtime_env={"env_vars": {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}}, log_to_driver=False
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_json(input_path, num_cpus=0.25)  # 8 actors x 0.25 leave no whole CPU on 2 cores
+    # The seed design as written reserves a whole CPU per actor and deadlocks on 2 cores; here its
+    # 8 actors, the read and the write share them as fractions (8 x 0.2 + 0.1 + 0.1 <= 2).
+    ds = ray.data.read_json(input_path, num_cpus=0.1)
     for stage in (_SyncTriage, _SyncDetails):
         ds = ds.map_batches(
             stage,
             fn_constructor_kwargs={"api_base": api_base},
             batch_size=8,
             compute=ActorPoolStrategy(size=4),
-            num_cpus=0.25,
+            num_cpus=0.2,
         )
-    ds.write_parquet(output)
+    ds.write_parquet(output, ray_remote_args={"num_cpus": 0.1})
 
 
 if __name__ == "__main__":
