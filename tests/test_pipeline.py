@@ -209,3 +209,12 @@ def test_the_embedded_default_model_triages_every_row(tmp_path, ray_local):
     assert all(isinstance(s, str) and s.strip() for s in frame["summary"])
     assert (frame["model"] == DEFAULT_MODEL).all() and (frame["completion_tokens"] > 0).all()
     assert frame["errors"].isna().all()
+    # `make triage` runs the programs committed in optimized/ (compiled for this model), and says so.
+    from triage.pipeline import STAGES
+    from triage.stages import ProgramSource
+
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    for stage in STAGES:
+        label = ProgramSource.load("optimized", stage.program_file).label
+        assert label.startswith(f"optimized/{stage.program_file} (sha256 ")
+        assert manifest["programs"][stage.name] == label
