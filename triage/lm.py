@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import textwrap
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 import dspy
 
+from triage.programs import literal_choices
 from triage.settings import Settings
 
 NO_KEY = "no-key"
@@ -79,7 +79,7 @@ class GrammarJSONAdapter(JSONAdapter):
     def format_system_message(self, signature: type[dspy.Signature]) -> str:
         lines = [textwrap.dedent(signature.instructions).strip(), "", "Answer in JSON with these fields:"]
         for name, field in signature.output_fields.items():
-            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
+            choices = literal_choices(field.annotation) or ()
             description = (field.json_schema_extra or {}).get("desc") or ""
             if description.startswith("${"):  # DSPy's placeholder for an undescribed field
                 description = ""

@@ -7,7 +7,8 @@ called directly, evaluated, and compiled by DSPy's optimizers. The Ray stages in
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
+from typing import Any, Literal
 
 import dspy
 
@@ -16,6 +17,11 @@ Category = Literal["crime", "medical", "fire", "animal", "noise", "other"]
 
 PRIORITIES: tuple[str, ...] = Priority.__args__
 CATEGORIES: tuple[str, ...] = Category.__args__
+
+
+def literal_choices(annotation: Any) -> tuple[str, ...] | None:
+    """The allowed values of a `Literal[...]` field's annotation, or None for any other type."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
 
 
 class TriageCall(dspy.Signature):

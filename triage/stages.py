@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import random
-import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +37,7 @@ from tenacity.wait import wait_base
 
 from triage.errors import redact
 from triage.lm import LMSetup, build_lm
-from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall
+from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
@@ -102,10 +101,6 @@ class _WaitRetryAfter(wait_base):
         if isinstance(hint, int | float) and hint > 0:
             return float(hint) * (1 + 0.1 * random.random())
         return self.fallback(retry_state)
-
-
-def literal_choices(annotation: Any) -> tuple[str, ...] | None:
-    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
 
 
 def validation_problems(
