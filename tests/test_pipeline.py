@@ -59,6 +59,7 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
             api_key=Secret("sk-e2e-secret-000111"),
             concurrency=8,
             cache=False,
+            optimized_dir=str(tmp_path / "no-programs"),  # the default prompts, whatever optimized/ holds
         )
         from triage.pipeline import run
 
