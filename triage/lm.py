@@ -1,12 +1,13 @@
 """Which language model and which adapter a run uses, built from Settings.
 
-Hosted models go through DSPy's own HTTP client. Their transient errors are retried in
+Hosted models go through DSPy's own HTTP client (`triage.native_engine`). Their transient errors are retried in
 one place only, the stage's retry loop, so DSPy's `num_retries` is 0 there: the two would
 otherwise multiply. The optimizer, which calls the LM directly, keeps DSPy's retries.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import textwrap
 from dataclasses import dataclass
@@ -32,6 +33,23 @@ class LMSetup:
         return self.adapter_class(feedback=feedback)
 
 
+@functools.lru_cache(maxsize=256)
+def _system_message(adapter_class: type[dspy.Adapter], signature: type[dspy.Signature]) -> str:
+    return super(_SystemMessageOnce, adapter_class()).format_system_message(signature)
+
+
+class _SystemMessageOnce:
+    """Formats a signature's system message once per adapter class, not on every call.
+
+    DSPy rebuilds it from the signature for each request (its field descriptions and
+    structure); it depends on nothing else, and the adapters here take no options
+    that would change it. Measured: about 3% of a stage's CPU per call.
+    """
+
+    def format_system_message(self, signature: type[dspy.Signature]) -> str:
+        return _system_message(type(self), signature)
+
+
 class _FeedbackMixin:
     """Appends a note about the previous, rejected answer to the last user message.
 
@@ -49,7 +67,7 @@ class _FeedbackMixin:
         return messages
 
 
-class ChatAdapter(_FeedbackMixin, dspy.ChatAdapter):
+class ChatAdapter(_SystemMessageOnce, _FeedbackMixin, dspy.ChatAdapter):
     """DSPy's chat format, without its silent second call through JSONAdapter on a parse failure:
     the stage's validation retry is the one place a bad answer is asked again."""
 
@@ -57,7 +75,7 @@ class ChatAdapter(_FeedbackMixin, dspy.ChatAdapter):
         super().__init__(feedback=feedback, use_json_adapter_fallback=False)
 
 
-class JSONAdapter(_FeedbackMixin, dspy.JSONAdapter):
+class JSONAdapter(_SystemMessageOnce, _FeedbackMixin, dspy.JSONAdapter):
     """JSON answers, in DSPy's own wording."""
 
     def __init__(self, feedback: str | None = None) -> None:
@@ -102,6 +120,7 @@ def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = 
     """The LM named by `settings.model`; `local/...` is the embedded model, anything else DSPy's client."""
     from triage import dspy_speedups
     from triage.local_model import is_local_model, make_local_lm
+    from triage.native_engine import build_native_lm
 
     dspy_speedups.install()
     if is_local_model(settings.model):
@@ -113,5 +132,5 @@ def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = 
         kwargs["api_key"] = settings.api_key.reveal()
     elif settings.api_base:
         kwargs["api_key"] = NO_KEY  # self-hosted servers (vLLM, llama.cpp) often need none; DSPy insists on one
-    lm = dspy.LM(settings.model, cache=settings.cache, num_retries=num_retries, **kwargs)
+    lm = build_native_lm(settings.model, cache=settings.cache, num_retries=num_retries, client_kwargs=kwargs)
     return LMSetup(lm, ChatAdapter)
