@@ -205,10 +205,12 @@ def report(result: Result, concurrency: int, latency: float, rpm: float | None) 
     requests = max(result.stats.get("requests", 0), 1)
     too_many = result.stats.get("outcomes", {}).get("429", 0)
     first = f"{result.first_request_after:.1f}s" if result.first_request_after is not None else "n/a"
+    span = (result.stats.get("last_request_monotonic") or 0) - (result.stats.get("first_request_monotonic") or 0)
+    mean_in_flight = result.stats.get("in_flight_seconds", 0.0) / span if span > 0 else 0.0
     return (
         f"{result.design:<11} rows {result.rows_out}/{result.rows}  end-to-end {result.rows / result.wall:6.1f} rows/s"
         f"  steady {steady or 0:6.1f} rows/s  ceiling {ceiling:6.1f} ({(steady or 0) / ceiling:4.0%})"
-        f"  429s {too_many} ({too_many / requests:.2%})  peak in flight {result.stats.get('max_in_flight')}"
+        f"  429s {too_many} ({too_many / requests:.2%})  in flight peak {result.stats.get('max_in_flight')} mean {mean_in_flight:.1f}"
         f"  first request {first}  peak memory {result.peak_pss_mb:,.0f} MB  wall {result.wall:.1f}s"
         + ("" if result.returncode == 0 else f"  EXIT {result.returncode}")
     )

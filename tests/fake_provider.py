@@ -461,6 +461,7 @@ class FakeProvider:
             "rpm_limited": 0,  # the part of outcomes["429"] caused by the rpm limit
             "in_flight": 0,
             "max_in_flight": 0,
+            "in_flight_seconds": 0.0,  # summed over requests: / (last - first request) = mean in flight
             "connections": 0,
             "first_request_monotonic": None,  # time.monotonic(): comparable across processes on one Linux host
             "first_request_wall": None,
@@ -619,6 +620,7 @@ class FakeProvider:
             with self._lock:
                 self._stats["outcomes"][outcome] = self._stats["outcomes"].get(outcome, 0) + 1
                 self._stats["in_flight"] -= 1
+                self._stats["in_flight_seconds"] += time.monotonic() - mono
                 settled = True
             writer.write(data)
             await writer.drain()

@@ -329,6 +329,7 @@ def test_max_in_flight_and_concurrency() -> None:
         stats = fp.stats()
     assert statuses == [200] * 20 and elapsed < 1.5
     assert stats["max_in_flight"] == 20 and stats["in_flight"] == 0
+    assert 20 * 0.2 <= stats["in_flight_seconds"] < 20 * 0.2 + 1.0  # each request counted for its own 200 ms
     assert len(stats["per_transcript"]) == 20 and set(stats["ok_per_transcript"].values()) == {1}
 
 
