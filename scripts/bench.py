@@ -210,7 +210,8 @@ def report(result: Result, concurrency: int, latency: float, rpm: float | None) 
     return (
         f"{result.design:<11} rows {result.rows_out}/{result.rows}  end-to-end {result.rows / result.wall:6.1f} rows/s"
         f"  steady {steady or 0:6.1f} rows/s  ceiling {ceiling:6.1f} ({(steady or 0) / ceiling:4.0%})"
-        f"  429s {too_many} ({too_many / requests:.2%})  in flight peak {result.stats.get('max_in_flight')} mean {mean_in_flight:.1f}"
+        f"  429s {too_many} ({too_many / requests:.2%})"
+        f"  in flight peak {result.stats.get('max_in_flight')} mean {mean_in_flight:.1f}"
         f"  first request {first}  peak memory {result.peak_pss_mb:,.0f} MB  wall {result.wall:.1f}s"
         + ("" if result.returncode == 0 else f"  EXIT {result.returncode}")
     )
