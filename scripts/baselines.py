@@ -45,19 +45,20 @@ def dspy_async(input_path: str, output: str, api_base: str, concurrency: int) ->
             except Exception:
                 return None
 
-    async def one(transcript: str) -> dict:
+    async def one(record: dict) -> dict:
+        transcript = record["transcript"]
         with dspy.context(lm=lm, adapter=ChatAdapter()):
             triage = await call(triager, transcript)
             details = await call(extractor, transcript)
-        row = {"transcript": transcript}
+        row = {"call_id": record["call_id"], "transcript": transcript}
         for name in FIELDS:
             source = triage if name in ("priority", "category", "summary") else details
             row[name] = getattr(source, name, None) if source is not None else None
         return row
 
     async def main() -> list[dict]:
-        transcripts = [json.loads(line)["transcript"] for line in Path(input_path).read_text().splitlines()]
-        return await asyncio.gather(*(one(t) for t in transcripts))
+        records = [json.loads(line) for line in Path(input_path).read_text().splitlines()]
+        return await asyncio.gather(*(one(r) for r in records))
 
     rows = asyncio.run(main())
     Path(output).mkdir(parents=True, exist_ok=True)

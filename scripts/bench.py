@@ -38,6 +38,7 @@ class Result:
     design: str
     rows: int
     rows_out: int
+    exactly_once: bool  # every input call_id is in the output once, and nothing else is
     wall: float
     stats: dict
     first_request_after: float | None
@@ -186,11 +187,16 @@ def run_design(
     first = stats.get("first_request_wall")
     import pyarrow.dataset as pads
 
-    rows_out = pads.dataset(str(output), format="parquet").count_rows() if output.exists() else 0
+    ids = pads.dataset(str(output), format="parquet").to_table(columns=["call_id"]) if output.exists() else None
+    out_ids = ids.column("call_id").to_pylist() if ids is not None else []
+    rows_out = len(out_ids)
+    expected = {json.loads(line)["call_id"] for line in input_path.open()}
+    exactly_once = rows_out == len(expected) and set(out_ids) == expected
     return Result(
         design,
         sum(1 for _ in input_path.open()),
         rows_out,
+        exactly_once,
         wall,
         stats,
         (first - started_wall) if first else None,
@@ -208,7 +214,9 @@ def report(result: Result, concurrency: int, latency: float, rpm: float | None) 
     span = (result.stats.get("last_request_monotonic") or 0) - (result.stats.get("first_request_monotonic") or 0)
     mean_in_flight = result.stats.get("in_flight_seconds", 0.0) / span if span > 0 else 0.0
     return (
-        f"{result.design:<11} rows {result.rows_out}/{result.rows}  end-to-end {result.rows / result.wall:6.1f} rows/s"
+        f"{result.design:<11} rows {result.rows_out}/{result.rows}"
+        f" ({'each exactly once' if result.exactly_once else 'NOT exactly once'})"
+        f"  end-to-end {result.rows / result.wall:6.1f} rows/s"
         f"  steady {steady or 0:6.1f} rows/s  ceiling {ceiling:6.1f} ({(steady or 0) / ceiling:4.0%})"
         f"  429s {too_many} ({too_many / requests:.2%})"
         f"  in flight peak {result.stats.get('max_in_flight')} mean {mean_in_flight:.1f}"
