@@ -189,6 +189,19 @@ def test_pool_plans_leave_room_for_reading_and_respect_the_budget(cpus):
             assert sum(p.actors * p.in_flight for p in plans) <= settings.concurrency
 
 
+def test_blocks_hold_a_few_batches_of_rows_not_thousands(tmp_path):
+    from triage.pipeline import target_block_bytes
+
+    short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    short.write_text("".join(json.dumps({"call_id": f"s{i}", "transcript": "fire"}) + "\n" for i in range(1000)))
+    long.write_text("".join(json.dumps({"call_id": f"l{i}", "transcript": "x" * 4000}) + "\n" for i in range(10)))
+    hosted = Settings(model="openai/x")
+    assert target_block_bytes(Settings(), [short], 1000, 4) == 1  # embedded model: one row per block
+    short_target = target_block_bytes(hosted, [short], 1000, 32)
+    assert short_target == 64 * 1024  # the floor: about 150 short rows, two seconds' work at full speed
+    assert target_block_bytes(hosted, [long], 10, 32) == pytest.approx(4 * 32 * (4000 + 450), rel=0.05)
+
+
 def test_the_embedded_default_model_triages_every_row(tmp_path, ray_local):
     """The offline path of `make triage`: no key, no server, the real 135M model under a grammar."""
     from triage.programs import CATEGORIES, PRIORITIES

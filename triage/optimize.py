@@ -26,9 +26,10 @@ from their gold labels by a template (`triage_demo`, `details_demo`).
 
 How the default was chosen (embedded model, 30 held-out train calls, triage metric / location
 match; measured with DSPy's own JSON prompt, before `GrammarJSONAdapter` shortened it, so these
-figures are for the choice only: `optimized/report.md` has those of the committed programs): zero-shot 43% / 53%; 6 demos whose reasoning also stated the priority 30-45% with urgent
-calls missed (12 such demos: every call non_urgent, copied from the last demo); 6 demos as
-below, urgent last: 52% / 60%, no urgent call missed.
+figures are for the choice only: `optimized/report.md` has those of the committed programs):
+zero-shot 43% / 53%; 6 demos whose reasoning also stated the priority 30-45% with urgent calls
+missed (12 such demos: every call non_urgent, copied from the last demo); 6 demos as below,
+urgent last: 52% / 60%, no urgent call missed.
 """
 
 from __future__ import annotations
