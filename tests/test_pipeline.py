@@ -198,8 +198,8 @@ def test_blocks_hold_a_few_batches_of_rows_not_thousands(tmp_path):
     hosted = Settings(model="openai/x")
     assert target_block_bytes(Settings(), [short], 1000, 4) == 1  # embedded model: one row per block
     short_target = target_block_bytes(hosted, [short], 1000, 32)
-    assert short_target == 64 * 1024  # the floor: about 150 short rows, two seconds' work at full speed
-    assert target_block_bytes(hosted, [long], 10, 32) == pytest.approx(4 * 32 * (4000 + 450), rel=0.05)
+    assert short_target == 256 * 1024  # the floor: about 600 short rows, a few seconds' work at full speed
+    assert target_block_bytes(hosted, [long], 10, 32) == pytest.approx(16 * 32 * (4000 + 450), rel=0.05)
 
 
 def test_the_embedded_default_model_triages_every_row(tmp_path, ray_local):
