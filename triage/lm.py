@@ -1,8 +1,9 @@
 """Which language model and which adapter a run uses, built from Settings.
 
-Hosted models go through DSPy's own HTTP client (`triage.native_engine`). Their transient errors are retried in
-one place only, the stage's retry loop, so DSPy's `num_retries` is 0 there: the two would
-otherwise multiply. The optimizer, which calls the LM directly, keeps DSPy's retries.
+Hosted models go through DSPy's own HTTP client, routed once per LM (`triage.native_engine`).
+Their transient errors are retried in one place only, the stage's retry loop, so DSPy's
+`num_retries` is 0 there: the two would otherwise multiply. The optimizer, which calls the
+LM directly, keeps DSPy's retries.
 """
 
 from __future__ import annotations
