@@ -3,10 +3,10 @@
 For every async call to a model given by name, DSPy 3.4 decides afresh how to reach it:
 it selects a backend, re-resolves the route and builds the request once to plan it and
 again to send it, and hands three steps to worker threads (prepare, capability lookup,
-routing). All of that is a pure function of the LM's settings. Measured here with
-TriageCall against the simulated provider, one process, 32 requests in flight:
-5.2 ms of CPU per call through `dspy.LM("openai/...")`, 3.5 ms through this engine
-(with `triage.dspy_speedups` in both). At 300 calls/s that is half a core.
+routing). All of that is a pure function of the LM's settings. Measured with
+`scripts/bench_stage_cpu.py` (TriageStage, one process, 32 requests in flight, the
+simulated provider): 4.95 ms of CPU per call through plain `dspy.LM("openai/...")`,
+3.94 ms through this engine. At 300 calls/s that is a third of a core.
 
 `build_native_lm` takes DSPy's own decision once (`select_backend`, the function DSPy
 calls per call) and, when it picks the native route, passes DSPy an async engine that
