@@ -190,11 +190,11 @@ def run_design(
     ids = pads.dataset(str(output), format="parquet").to_table(columns=["call_id"]) if output.exists() else None
     out_ids = ids.column("call_id").to_pylist() if ids is not None else []
     rows_out = len(out_ids)
-    expected = {json.loads(line)["call_id"] for line in input_path.open()}
-    exactly_once = rows_out == len(expected) and set(out_ids) == expected
+    input_ids = [json.loads(line)["call_id"] for line in input_path.open()]
+    exactly_once = rows_out == len(input_ids) and set(out_ids) == set(input_ids)
     return Result(
         design,
-        sum(1 for _ in input_path.open()),
+        len(input_ids),
         rows_out,
         exactly_once,
         wall,

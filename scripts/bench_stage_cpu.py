@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # DSPy's bundled price list, no network
 
 import dspy  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -74,11 +76,12 @@ def main() -> int:
         settings = resolve_settings(
             {"model": "openai/fake", "api_base": provider.url, "cache": False}, dotenv_path=None
         )
-        setup = build_lm(settings)
         if args.lm == "plain":
-            dspy_speedups.install()
+            dspy_speedups.install()  # build_lm installs them for the routed LM
             plain = dspy.LM("openai/fake", api_base=provider.url, api_key="bench", cache=False, num_retries=0)
             setup = LMSetup(plain, ChatAdapter)
+        else:
+            setup = build_lm(settings)
         stage = TriageStage(
             StageConfig(settings=settings, program=ProgramSource(None, "default prompts"), in_flight=BATCH),
             lm_setup=setup,
