@@ -187,9 +187,11 @@ def test_pool_plans_leave_room_for_reading_and_respect_the_budget(cpus):
         assert sum(p.actors * p.num_cpus for p in plans) + READ_CPUS <= cpus
         if settings.model.startswith("openai/"):
             assert sum(p.actors * p.in_flight for p in plans) <= settings.concurrency
+        else:  # the embedded model: one request, one task at a time per actor
+            assert all((p.in_flight, p.tasks_per_actor) == (1, 1) for p in plans)
 
 
-def test_blocks_hold_a_few_batches_of_rows_not_thousands(tmp_path):
+def test_blocks_hold_one_batch_of_rows_not_thousands(tmp_path):
     from triage.pipeline import target_block_bytes
 
     short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
@@ -197,9 +199,9 @@ def test_blocks_hold_a_few_batches_of_rows_not_thousands(tmp_path):
     long.write_text("".join(json.dumps({"call_id": f"l{i}", "transcript": "x" * 4000}) + "\n" for i in range(10)))
     hosted = Settings(model="openai/x")
     assert target_block_bytes(Settings(), [short], 1000, 4) == 1  # embedded model: one row per block
-    short_target = target_block_bytes(hosted, [short], 1000, 32)
-    assert short_target == 256 * 1024  # the floor: about 600 short rows, a few seconds' work at full speed
-    assert target_block_bytes(hosted, [long], 10, 32) == pytest.approx(16 * 32 * (4000 + 450), rel=0.05)
+    short_row = short.stat().st_size / 1000
+    assert target_block_bytes(hosted, [short], 1000, 32) == pytest.approx(32 * (short_row + 400), rel=0.01)
+    assert target_block_bytes(hosted, [long], 10, 32) == pytest.approx(32 * (4000 + 450), rel=0.05)
 
 
 def test_the_embedded_default_model_triages_every_row(tmp_path, ray_local):
