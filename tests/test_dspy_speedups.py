@@ -24,3 +24,35 @@ def test_memoized_lookup_matches_the_original_and_hands_out_copies():
     first["input_cost_per_token"] = -1.0  # a caller's change must not leak into the cache
     assert memoized("openai", "gpt-4.1-mini")["input_cost_per_token"] > 0
     assert memoized("openai", "gpt-4.1-mini", namespaces=()) == unwrapped("openai", "gpt-4.1-mini", namespaces=())
+
+
+def test_cached_demo_messages_match_dspys_and_follow_edits():
+    """The adapters format a program's demos once; the messages are DSPy's own, and a changed demo is re-formatted."""
+    import dspy
+
+    from triage.lm import ChatAdapter, GrammarJSONAdapter, JSONAdapter
+    from triage.programs import CallTriager
+
+    signature = CallTriager().predictors()[0].signature
+    demos = [
+        dspy.Example(
+            transcript=f"Caller {i}: smoke on Elm St",
+            reasoning="r",
+            priority="urgent",
+            category="fire",
+            summary=f"Smoke {i}.",
+        ).with_inputs("transcript")
+        for i in range(3)
+    ]
+    for ours, theirs in ((ChatAdapter, dspy.ChatAdapter), (JSONAdapter, dspy.JSONAdapter)):
+        expected = theirs().format_demos(signature, demos)
+        first = ours().format_demos(signature, demos)
+        assert first == expected
+        first[0]["content"] = "changed by a caller"  # callers get copies: the cache is untouched
+        assert ours().format_demos(signature, demos) == expected
+    demos[1]["summary"] = "Edited in place."
+    again = ChatAdapter().format_demos(signature, demos)
+    assert again == dspy.ChatAdapter().format_demos(signature, demos)
+    assert any("Edited in place." in m["content"] for m in again)
+    grammar = GrammarJSONAdapter().format_demos(signature, demos)  # its own compact format, cached apart
+    assert grammar != again and any("Edited in place." in m["content"] for m in grammar)
