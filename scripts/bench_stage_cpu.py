@@ -7,7 +7,11 @@ of this process). `--lm plain` gives the stage a plain `dspy.LM(...)` instead of
 `triage.lm.build_lm` makes, to show what `triage.native_engine` saves; the memoized lookups
 of `triage.dspy_speedups` are installed in both cases.
 
+`--program optimized` runs the program in `optimized/triager.json` (its demos included) instead
+of the default prompts.
+
 Usage: python scripts/bench_stage_cpu.py [--calls 3000] [--latency 0.2] [--lm routed|plain]
+       [--program default|optimized]
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--lm", choices=("routed", "plain"), default="routed")
+    parser.add_argument("--program", choices=("default", "optimized"), default="default")
     args = parser.parse_args()
     provider = Provider(args.latency, None)
     try:
@@ -82,8 +87,13 @@ def main() -> int:
             setup = LMSetup(plain, ChatAdapter)
         else:
             setup = build_lm(settings)
+        program = (
+            ProgramSource.load(ROOT / "optimized", TriageStage.program_file)
+            if args.program == "optimized"
+            else ProgramSource(None, "default prompts")
+        )
         stage = TriageStage(
-            StageConfig(settings=settings, program=ProgramSource(None, "default prompts"), in_flight=BATCH),
+            StageConfig(settings=settings, program=program, in_flight=BATCH),
             lm_setup=setup,
         )
         before, started = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
@@ -93,7 +103,7 @@ def main() -> int:
         provider.close()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     print(
-        f"lm {args.lm}: {args.calls} calls in {wall:.1f}s ({args.calls / wall:.0f}/s), "
+        f"lm {args.lm}, {args.program} program: {args.calls} calls in {wall:.1f}s ({args.calls / wall:.0f}/s), "
         f"{1000 * cpu / args.calls:.2f} ms CPU per call, {len(errors)} row errors"
     )
     return 1 if errors else 0
