@@ -29,8 +29,11 @@ from triage.programs import CallTriager, DetailExtractor  # noqa: E402
 FIELDS = ("priority", "category", "summary", "location", "subject_description")
 
 
+MODEL = os.environ.get("BENCH_MODEL", "openai/gpt-4.1-mini")  # scripts/bench.py passes its --model
+
+
 def make_lm(api_base: str) -> dspy.LM:
-    return dspy.LM("openai/fake", api_base=api_base, api_key="bench", cache=False, num_retries=8)
+    return dspy.LM(MODEL, api_base=api_base, api_key="bench", cache=False, num_retries=8)
 
 
 def dspy_async(input_path: str, output: str, api_base: str, concurrency: int) -> None:
