@@ -325,13 +325,13 @@ def target_block_bytes(settings: Settings, files: list[Path], rows: int, block_r
     size, 128 MiB by default, and a stage hands a block on only when it is complete. With
     the default, a 100,000-row benchmark run moved in blocks of about 8,300 rows: each stage
     task ran for over a minute before the next stage or the driver saw a row. Even blocks of
-    ~600 rows left the details stage idle for the triage stage's first block and the triage
+    ~500 rows left the details stage idle for the triage stage's first block and the triage
     stage idle while the details stage worked through the last one: in a 6,000-row run the
-    two stages overlapped for 45 s of 60 (CPU of each actor sampled every 2 s). Here a block
-    is one batch (row size estimated from the input files plus the answers), and each actor
+    two stages overlapped for about 42 s of 60 (CPU of each actor sampled every 2 s). Here a
+    block is one batch (row size estimated from the input files plus the answers), and each actor
     runs `TASKS_PER_ACTOR` such tasks at once, so a task's tail of slow requests does not
     leave the actor's request slots idle. Measured with `scripts/bench.py` over 10,000 rows:
-    ~600-row blocks one task at a time 85.2 rows/s end to end, 104.4 steady; one-batch
+    ~500-row blocks one task at a time 85.2 rows/s end to end, 104.4 steady; one-batch
     blocks with 8 tasks per actor 93.5 and 116.4.
     The embedded model takes seconds per row, so each of its rows is handed on alone.
     """
