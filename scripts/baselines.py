@@ -6,7 +6,7 @@
   semaphore of the same size as the pipeline's in-flight budget.
 
 Both read JSONL with a `transcript` column and write Parquet; neither retries beyond DSPy's
-own `num_retries`. Usage: python scripts/baselines.py DESIGN INPUT OUTPUT API_BASE CONCURRENCY
+own `num_retries`. Usage: python scripts/baselines.py DESIGN INPUT OUTPUT API_BASE CONCURRENCY MODEL
 """
 
 from __future__ import annotations
@@ -29,15 +29,12 @@ from triage.programs import CallTriager, DetailExtractor  # noqa: E402
 FIELDS = ("priority", "category", "summary", "location", "subject_description")
 
 
-MODEL = os.environ.get("BENCH_MODEL", "openai/gpt-4.1-mini")  # scripts/bench.py passes its --model
+def make_lm(model: str, api_base: str) -> dspy.LM:
+    return dspy.LM(model, api_base=api_base, api_key="bench", cache=False, num_retries=8)
 
 
-def make_lm(api_base: str) -> dspy.LM:
-    return dspy.LM(MODEL, api_base=api_base, api_key="bench", cache=False, num_retries=8)
-
-
-def dspy_async(input_path: str, output: str, api_base: str, concurrency: int) -> None:
-    lm = make_lm(api_base)
+def dspy_async(input_path: str, output: str, api_base: str, concurrency: int, model: str) -> None:
+    lm = make_lm(model, api_base)
     triager, extractor = CallTriager(), DetailExtractor()
     gate = asyncio.Semaphore(concurrency)
 
@@ -69,8 +66,8 @@ def dspy_async(input_path: str, output: str, api_base: str, concurrency: int) ->
 
 
 class _SyncStage:
-    def __init__(self, module_class: type, api_base: str) -> None:
-        self.lm = make_lm(api_base)
+    def __init__(self, module_class: type, model: str, api_base: str) -> None:
+        self.lm = make_lm(model, api_base)
         self.program = module_class()
 
     def __call__(self, batch: dict) -> dict:
@@ -89,18 +86,18 @@ class _SyncStage:
 class _SyncTriage(_SyncStage):
     fields = ("priority", "category", "summary")
 
-    def __init__(self, api_base: str) -> None:
-        super().__init__(CallTriager, api_base)
+    def __init__(self, model: str, api_base: str) -> None:
+        super().__init__(CallTriager, model, api_base)
 
 
 class _SyncDetails(_SyncStage):
     fields = ("location", "subject_description")
 
-    def __init__(self, api_base: str) -> None:
-        super().__init__(DetailExtractor, api_base)
+    def __init__(self, model: str, api_base: str) -> None:
+        super().__init__(DetailExtractor, model, api_base)
 
 
-def original(input_path: str, output: str, api_base: str, concurrency: int) -> None:
+def original(input_path: str, output: str, api_base: str, concurrency: int, model: str) -> None:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -115,7 +112,7 @@ def original(input_path: str, output: str, api_base: str, concurrency: int) -> N
     for stage in (_SyncTriage, _SyncDetails):
         ds = ds.map_batches(
             stage,
-            fn_constructor_kwargs={"api_base": api_base},
+            fn_constructor_kwargs={"model": model, "api_base": api_base},
             batch_size=8,
             compute=ActorPoolStrategy(size=4),
             num_cpus=0.2,
@@ -124,5 +121,5 @@ def original(input_path: str, output: str, api_base: str, concurrency: int) -> N
 
 
 if __name__ == "__main__":
-    design, input_path, output, api_base, concurrency = sys.argv[1:6]
-    {"dspy-async": dspy_async, "original": original}[design](input_path, output, api_base, int(concurrency))
+    design, input_path, output, api_base, concurrency, model = sys.argv[1:7]
+    {"dspy-async": dspy_async, "original": original}[design](input_path, output, api_base, int(concurrency), model)

@@ -153,7 +153,7 @@ def run_design(
     rpm: float | None,
     model: str = DEFAULT_MODEL,
 ) -> Result:
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TRIAGE_CACHE": "false", "BENCH_MODEL": model}
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "TRIAGE_CACHE": "false"}
     env.pop("RAY_ADDRESS", None)
     if design == "triage":
         command = [
@@ -184,6 +184,7 @@ def run_design(
             str(output),
             provider.url,
             str(concurrency),
+            model,
         ]
     provider.reset()
     started_wall = time.time()
