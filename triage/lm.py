@@ -51,8 +51,12 @@ class _SystemMessageOnce:
         return _system_message(type(self), signature)
 
 
-_DEMO_MESSAGES: dict[Any, list[dict[str, Any]]] = {}
-_DEMO_CACHE_SIZE = 256
+@functools.lru_cache(maxsize=256)
+def _demo_messages(
+    adapter_class: type[dspy.Adapter], signature: type[dspy.Signature], demo_values: tuple[tuple[Any, ...], ...]
+) -> list[dict[str, Any]]:
+    demos = [dict(values) for values in demo_values]
+    return super(_DemosFormattedOnce, adapter_class()).format_demos(signature, demos)
 
 
 class _DemosFormattedOnce:
@@ -67,16 +71,10 @@ class _DemosFormattedOnce:
 
     def format_demos(self, signature: type[dspy.Signature], demos: list[Any]) -> list[dict[str, Any]]:
         try:
-            key = (type(self), signature, tuple(tuple(demo.items()) for demo in demos))
-            messages = _DEMO_MESSAGES.get(key)
+            messages = _demo_messages(type(self), signature, tuple(tuple(demo.items()) for demo in demos))
         except (TypeError, AttributeError):  # unhashable values, or demos that are not mappings
             return super().format_demos(signature, demos)
-        if messages is None:
-            messages = super().format_demos(signature, demos)
-            if len(_DEMO_MESSAGES) >= _DEMO_CACHE_SIZE:
-                _DEMO_MESSAGES.clear()
-            _DEMO_MESSAGES[key] = messages
-        return [dict(message) for message in messages]
+        return [dict(message) for message in messages]  # copies: callers may edit them
 
 
 class _FeedbackMixin:
