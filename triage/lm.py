@@ -63,8 +63,9 @@ class _DemosFormattedOnce:
     """Formats a program's few-shot demos into messages once, not on every call.
 
     An optimized program carries its demos (six per module here) and DSPy turns each into a
-    user and an assistant message on every request: measured, ~10% of a stage actor's event
-    loop. The messages depend only on the adapter class, the signature and the demos' values,
+    user and an assistant message on every request (py-spy: ~10% of a stage actor's event
+    loop; the CPU per call it saves measured about 3%, inside run-to-run spread). The
+    messages depend only on the adapter class, the signature and the demos' values,
     which together are the cache key (the values, not the objects, so a demo edited in place
     is formatted anew). Demos with values that cannot be hashed are formatted every time.
     """
