@@ -8,6 +8,8 @@ LM directly, keeps DSPy's retries.
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import functools
 import json
 import textwrap
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import dspy
+import pydantic
 
+from triage.grounding import GROUNDED_FIELDS, SPAN_OF
 from triage.programs import literal_choices
 from triage.settings import Settings
 
@@ -142,6 +146,51 @@ class GrammarJSONAdapter(JSONAdapter):
             return super().format_field_with_value(fields_with_values, role)
         values = {field.name: value for field, value in fields_with_values.items()}
         return json.dumps(values, ensure_ascii=False)
+
+    # Grounded fields: the grammar lets the model copy only a span of the transcript into them.
+    # A 135M model otherwise copies a demo's address ("the factory on Canal Street") into half
+    # of its answers; under the span rule it can be wrong, but never invent a place.
+
+    def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: Any, inputs: dict[str, Any]) -> Any:
+        token = _CALL_INPUTS.set(inputs)
+        try:
+            return super().__call__(lm, lm_kwargs, signature, demos, inputs)
+        finally:
+            _CALL_INPUTS.reset(token)
+
+    async def acall(
+        self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: Any, inputs: dict[str, Any]
+    ) -> Any:
+        token = _CALL_INPUTS.set(inputs)
+        try:
+            return await super().acall(lm, lm_kwargs, signature, demos, inputs)
+        finally:
+            _CALL_INPUTS.reset(token)
+
+    def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any) -> None:
+        super()._prepare_response_format(lm, lm_kwargs, signature)
+        source = (_CALL_INPUTS.get() or {}).get(SPAN_SOURCE)
+        response_format = lm_kwargs.get("response_format")
+        spans = [name for name in GROUNDED_FIELDS if name in signature.output_fields]
+        if not spans or not isinstance(source, str):
+            return
+        if not (isinstance(response_format, type) and issubclass(response_format, pydantic.BaseModel)):
+            return
+        from dspy.clients.legacy_requests import _strict_json_schema
+
+        schema = copy.deepcopy(_strict_json_schema(response_format.model_json_schema()))
+        for name in spans:
+            schema["properties"][name] = {**schema["properties"][name], SPAN_OF: source}
+        lm_kwargs["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": response_format.__name__, "schema": schema, "strict": True},
+        }
+
+
+# The input whose spans the grounded fields may hold, and the current call's inputs (set per call,
+# so one adapter can serve concurrent calls).
+SPAN_SOURCE = "transcript"
+_CALL_INPUTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("call_inputs", default=None)
 
 
 def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = None) -> LMSetup:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from triage.grounding import split_span_properties, with_span_rules
+
 if TYPE_CHECKING:
     import dspy
     from dspy.lm15 import Request, Response
@@ -988,8 +990,10 @@ class LocalEngine:
         if schema is None:
             built = GrammarPlan(generic_object_grammar(self.max_string_chars), {}, None)
         else:
+            schema, spans = split_span_properties(schema)
             bounded = bound_string_lengths(schema, self.max_string_chars, self.field_max_chars)
-            built = GrammarPlan(schema_to_grammar(bounded), free_string_fields(bounded), object_layout(bounded))
+            grammar = with_span_rules(schema_to_grammar(bounded), spans)
+            built = GrammarPlan(grammar, free_string_fields(bounded), object_layout(bounded))
         with self._grammar_lock:
             self._grammars[key] = built
             while len(self._grammars) > 32:
