@@ -141,7 +141,26 @@ def test_the_report_is_written_as_markdown_and_json(provider, labeled_file, tmp_
         "gold": {"priority": "urgent", "category": "medical", "location": "", "subject_description": ""},
         "triage": None,
         "details": None,
+        "review": None,
     }
+    # The fake provider's locations ("NNNN Fake Street #crc") are in no transcript: a-d are flagged.
+    location = data["calls"][0]["details"]["location"]
+    assert data["calls"][0]["review"].startswith(f"location not in the transcript: {location!r}")
+    assert data["review"] | {"rate": None} == {
+        "n": 5,
+        "flagged": 4,
+        "wrong_priority": 3,  # b, c, d
+        "wrong_priority_flagged": 3,
+        "under_triaged": 2,  # b, c
+        "under_triaged_flagged": 2,
+        "ungrounded_locations": 4,
+        "ungrounded_locations_flagged": 4,
+        "rate": None,
+    }
+    assert "| review queue (calls flagged) | 80.0% (4/5) |" in markdown
+    assert "| locations not in the transcript (flagged) | 4 (4) |" in markdown
+    # No labelled pool in the default programs: the report says the baselines are missing.
+    assert "(no labelled pool in the programs: baselines not computed)" in markdown
     assert data["calls"][0]["triage"]["priority"] == "urgent"
     assert sorted(p.name for p in json_path.parent.iterdir()) == ["eval.json", "eval.md"]
 
@@ -214,7 +233,8 @@ def test_cli_evaluate_prints_one_line_and_writes_the_report(provider, labeled_fi
     assert code == 0, captured.err
     assert captured.out.strip().splitlines() == [
         f"5 calls: priority 20.0%, category 40.0%, urgent recall 33.3%, under-triage 2, location 20.0%, "
-        f"subject 20.0% -> {tmp_path / 'r.md'}, {tmp_path / 'r.json'}"
+        f"subject 20.0%; review 80.0% of calls, catching 3/3 wrong priorities and 2/2 under-triaged "
+        f"-> {tmp_path / 'r.md'}, {tmp_path / 'r.json'}"
     ]
     assert "| urgent recall | 33.3% (1/3) |" in (tmp_path / "r.md").read_text()
 

@@ -128,4 +128,5 @@ def test_overlong_transcripts_are_cut_with_a_note_and_done_rows_are_left_out(tmp
     rows = list(prepared_rows(path, model="m", duplicates=frozenset(), to_do=frozenset({"long"}), max_chars=20))
     assert [r["call_id"] for r in rows] == ["long"]
     assert rows[0]["transcript"] == "x" * 20
-    assert rows[0]["errors"] == "input: transcript cut to 20 of 50 characters"
+    assert rows[0]["review"] == "transcript cut to 20 of 50 characters: the answers saw only the start"
+    assert rows[0]["errors"] is None  # the row is answered: a reason to review it, not an error

@@ -13,23 +13,15 @@ from pathlib import Path
 import dspy
 import pytest
 
+import triage.demos
 import triage.evaluation
 import triage.optimize
 from tests.fake_provider import FakeProvider, expected_answer
 from triage.cli import main
+from triage.demos import details_demo, is_urgent, select_covering, triage_demo, triage_features
 from triage.errors import TriageError
 from triage.evaluation import load_labeled
-from triage.optimize import (
-    OptimizeOptions,
-    OptimizerUnavailable,
-    details_demo,
-    is_urgent,
-    optimize,
-    resolve_reflection_model,
-    select_covering,
-    triage_demo,
-    triage_features,
-)
+from triage.optimize import OptimizeOptions, OptimizerUnavailable, optimize, resolve_reflection_model
 from triage.programs import CATEGORIES, PRIORITIES, CallTriager, DetailExtractor
 from triage.settings import Settings
 from triage.stages import ProgramSource
@@ -69,7 +61,7 @@ def options(tmp_path: Path, **overrides) -> OptimizeOptions:
 
 
 def test_labeled_optimize_writes_both_programs_and_the_report(provider, tmp_path):
-    result = optimize(fake_settings(provider), options(tmp_path))
+    result = optimize(fake_settings(provider), options(tmp_path, optimizer="labeled"))
     out = tmp_path / "optimized"
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())  # not mkstemp's 0600
     assert sorted(p.name for p in out.iterdir()) == [
@@ -85,7 +77,7 @@ def test_labeled_optimize_writes_both_programs_and_the_report(provider, tmp_path
     extractor.load_state(ProgramSource.load(out, "detail_extractor.json").state)
     demos = triager.triage.predict.demos
     assert len(demos) == 6 and len(extractor.extract.predict.demos) == 6
-    # The default optimizer's demos show every priority and every category, each demo complete.
+    # The labeled optimizer's demos show every priority and every category, each demo complete.
     assert {d["priority"] for d in demos} == set(PRIORITIES) and {d["category"] for d in demos} == set(CATEGORIES)
     assert all(d["reasoning"] and d["summary"] for d in demos)
 
@@ -123,6 +115,28 @@ def test_bootstrap_optimize_counts_the_optimizers_lm_calls(provider, tmp_path):
     assert state["metadata"]["triage"]["optimizer"] == "bootstrap"
 
 
+def test_nearest_optimize_chooses_k_on_dev_and_saves_a_pool_of_train_and_dev(provider, tmp_path):
+    optimize(fake_settings(provider), options(tmp_path, k_candidates=(1, 2), max_eval=3))
+    out = tmp_path / "optimized"
+    triager, extractor = CallTriager(), DetailExtractor()
+    triager.load_state(ProgramSource.load(out, "triager.json").state)
+    extractor.load_state(ProgramSource.load(out, "detail_extractor.json").state)
+    train, dev = load_labeled(TRAIN, 40), load_labeled(DEV)
+    # Against the fake provider every k scores the same: the smaller one wins the tie.
+    assert triager.nearest.k == extractor.nearest.k == 1
+    assert [d["call_id"] for d in triager.nearest.pool] == [e.call_id for e in train + dev]
+    assert triager.triage.predict.demos == []  # no fixed demos: each call gets its own
+    # The demos for a call are its most similar labelled calls, the most similar last.
+    [(demo, similarity)] = triager.nearest.nearest(dev[5].transcript)
+    assert demo["call_id"] == dev[5].call_id and similarity == pytest.approx(1.0)
+    assert demo["reasoning"] and demo["summary"] and demo["priority"] == dev[5].priority
+    markdown = (out / "report.md").read_text()
+    assert "- Optimizer: `nearest`" in markdown
+    assert "triage: 1 nearest demos per call (metric on eval: k=1: " in markdown
+    assert f"the saved programs' pool adds {DEV} ({len(train) + len(dev)} labelled calls)" in markdown
+    assert "| nearest labelled call |" in markdown and "| always urgent |" in markdown
+
+
 def write_old_files(out: Path) -> None:
     out.mkdir(parents=True)
     for name, text in OLD.items():
@@ -147,7 +161,7 @@ def test_a_failure_while_compiling_leaves_the_old_programs(provider, tmp_path, m
     out = tmp_path / "optimized"
     write_old_files(out)
     with pytest.raises(RuntimeError, match="the optimizer crashed"):
-        optimize(fake_settings(provider), options(tmp_path))
+        optimize(fake_settings(provider), options(tmp_path, optimizer="labeled"))
     assert_old_files_untouched(out)
 
 
@@ -174,7 +188,7 @@ def test_select_covering_shows_every_label_evenly_with_an_urgent_demo_last():
     chosen = select_covering(train, triage_features, 6, last=is_urgent)
     assert {e.priority for e in chosen} == set(PRIORITIES) and {e.category for e in chosen} == set(CATEGORIES)
     assert chosen[-1].priority == "urgent"
-    assert all(len(e.transcript.split()) <= triage.optimize.MAX_DEMO_WORDS for e in chosen)
+    assert all(len(e.transcript.split()) <= triage.demos.MAX_DEMO_WORDS for e in chosen)
     assert select_covering(train, triage_features, 6, last=is_urgent) == chosen  # reproducible
     twelve = select_covering(train, triage_features, 12)
     assert Counter(e.priority for e in twelve) == {"urgent": 4, "non_urgent": 4, "not_an_emergency": 4}
@@ -265,7 +279,10 @@ def test_cli_optimize_writes_the_programs_and_prints_one_line(provider, tmp_path
             ["--optimizer", "gepa"],
             "error: --optimizer gepa needs a reflection model: set --reflection-model or TRIAGE_REFLECTION_MODEL",
         ),
-        (["--optimizer", "magic"], "error: --optimizer must be one of labeled, bootstrap, mipro, gepa, got 'magic'"),
+        (
+            ["--optimizer", "magic"],
+            "error: --optimizer must be one of nearest, labeled, bootstrap, mipro, gepa, got 'magic'",
+        ),
         (["--max-train", "0"], "error: --max-train must be at least 1, got 0"),
         (["--train", "nowhere.jsonl"], "error: labeled file nowhere.jsonl does not exist"),
     ],

@@ -27,6 +27,7 @@ def make_batch(transcripts: list[str | None], errors: list[str | None] | None = 
             "summary": [None] * n,
             "location": [None] * n,
             "subject_description": [None] * n,
+            "review": [None] * n,
             "errors": errors or [None] * n,
             "model": ["m"] * n,
             "prompt_tokens": [0] * n,

@@ -160,8 +160,9 @@ def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict
     )
     optimize.add_argument(
         "--optimizer",
-        default="labeled",
-        help="labeled (default, no LM calls), bootstrap, mipro (needs dspy[optuna]) or gepa (needs --reflection-model)",
+        default="nearest",
+        help="nearest (default: each call's most similar labelled calls as demos), labeled (fixed demos, no LM "
+        "calls), bootstrap, mipro (needs dspy[optuna]) or gepa (needs --reflection-model)",
     )
     optimize.add_argument("--train", default="data/train.jsonl", help="labeled calls to learn from [%(default)s]")
     optimize.add_argument("--dev", default="data/dev.jsonl", help="labeled calls for the report [%(default)s]")
@@ -169,7 +170,13 @@ def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict
     optimize.add_argument("--eval-split", default="dev", help="dev or test [%(default)s]")
     optimize.add_argument("--max-train", type=int, default=None, help="use only the first N train calls")
     optimize.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N calls only")
-    optimize.add_argument("--demos", type=int, default=6, help="demos per program [%(default)s]")
+    optimize.add_argument("--demos", type=int, default=6, help="labeled and searching optimizers: demos [%(default)s]")
+    optimize.add_argument(
+        "--k", type=int, nargs="+", default=[2, 3], help="nearest: demos per call to try on the eval split [2 3]"
+    )
+    optimize.add_argument(
+        "--max-demo-chars", type=int, default=400, help="nearest: longest demo transcript shown [%(default)s]"
+    )
     optimize.add_argument(
         "--reflection-model", default=None, help="GEPA's reflection / MIPROv2's prompt model [TRIAGE_REFLECTION_MODEL]"
     )
@@ -197,6 +204,8 @@ def _optimize(settings: Settings, args: argparse.Namespace) -> str:
         max_train=args.max_train,
         max_eval=args.max_eval,
         demos=args.demos,
+        k_candidates=tuple(args.k),
+        max_demo_chars=args.max_demo_chars,
         reflection_model=resolve_reflection_model(args.reflection_model),
     )
     return optimize(settings, options).line()

@@ -26,11 +26,13 @@ import dspy
 from dspy.utils.callback import BaseCallback
 from dspy.utils.usage_tracker import track_usage
 
+from triage.baselines import score_baselines
 from triage.errors import InputError, TriageError, redact
 from triage.lm import LMSetup, build_lm
 from triage.local_model import is_local_model
-from triage.metrics import FAILED, INVALID, Scores, percent, score_calls
-from triage.programs import CATEGORIES, PRIORITIES
+from triage.metrics import FAILED, INVALID, ReviewScores, Scores, percent, score_calls, score_review
+from triage.programs import CATEGORIES, NEAREST_DEMOS_KEY, PRIORITIES
+from triage.review import join_reasons
 from triage.settings import Settings
 from triage.stages import ExtractDetailsStage, ProgramSource, Stage, StageConfig, TriageStage
 
@@ -151,6 +153,7 @@ class ModuleRun:
 
     program: str
     predictions: list[dict[str, str] | None]
+    reviews: list[list[str]] = field(default_factory=list)  # per call: reasons to doubt the answer
     failures: list[tuple[str, str]] = field(default_factory=list)  # (call_id, error)
     usage: Usage = field(default_factory=Usage)
     seconds: float = 0.0
@@ -174,7 +177,9 @@ def run_module(
     config = StageConfig(settings=settings, program=program, in_flight=concurrency_for(settings))
     stage = stage_class(config, lm_setup=setup)
     secrets = [settings.api_key.reveal()] if settings.api_key else []
-    run = ModuleRun(program=program.label, predictions=[None] * len(examples))
+    run = ModuleRun(
+        program=program.label, predictions=[None] * len(examples), reviews=[[] for _ in range(len(examples))]
+    )
     step = max(5, -(-len(examples) // 10))
     done = 0
     name = title or stage_class.name
@@ -182,7 +187,9 @@ def run_module(
     async def one(index: int, example: dspy.Example) -> None:
         nonlocal done
         try:
-            run.predictions[index] = await stage.predict(example.transcript)
+            answer = await stage.answer(example.transcript)
+            run.predictions[index] = answer.values
+            run.reviews[index] = stage.review(example.transcript, answer)
         except Exception as exc:  # a failed call is scored as wrong; the run goes on
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             run.failures.append((example.call_id, redact(f"{type(exc).__name__}: {text}", secrets)[:300]))
@@ -212,6 +219,8 @@ class EvaluationReport:
     n: int
     programs: dict[str, str]
     scores: Scores
+    review: ReviewScores
+    baselines: dict[str, Scores]  # trivial answers on the same calls (`triage.baselines`)
     usage: dict[str, Usage]
     seconds: float
     failures: list[dict[str, str]] = field(default_factory=list)
@@ -225,6 +234,8 @@ class EvaluationReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["scores"] = self.scores.to_dict()
+        data["review"] = self.review.to_dict()
+        data["baselines"] = {name: scores.to_dict() for name, scores in self.baselines.items()}
         data["usage"] = {name: asdict(u) for name, u in self.usage.items()} | {"total": asdict(self.total_usage)}
         return data
 
@@ -233,7 +244,10 @@ class EvaluationReport:
         return (
             f"{self.n} calls: priority {percent(s.priority_accuracy)}, category {percent(s.category_accuracy)}, "
             f"urgent recall {percent(s.urgent_recall)}, under-triage {s.under_triage}, "
-            f"location {percent(s.location_match)}, subject {percent(s.subject_match)}"
+            f"location {percent(s.location_match)}, subject {percent(s.subject_match)}; "
+            f"review {percent(self.review.rate)} of calls, catching {self.review.wrong_priority_flagged}/"
+            f"{self.review.wrong_priority} wrong priorities and {self.review.under_triaged_flagged}/"
+            f"{self.review.under_triaged} under-triaged"
         )
 
     def write(self, path: str | Path) -> tuple[Path, Path]:
@@ -243,7 +257,7 @@ class EvaluationReport:
     def to_markdown(self, title: str | None = None) -> str:
         lines = [f"# {title or 'Evaluation'}", "", *self.header_lines(), "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in metric_rows(self)]
-        lines += ["", *confusion_sections(self.scores)]
+        lines += ["", *baseline_section(self), "", *confusion_sections(self.scores)]
         if self.failures:
             lines += ["", "## Failed predictions (counted as wrong)", ""]
             lines += [f"- {f['call_id']} ({f['module']}): {f['error']}" for f in self.failures[:MAX_LISTED_FAILURES]]
@@ -263,7 +277,7 @@ class EvaluationReport:
 
 def metric_rows(report: EvaluationReport) -> list[tuple[str, str]]:
     """(metric, value) rows shared by the evaluation and optimization reports."""
-    s, usage = report.scores, report.usage
+    s, r, usage = report.scores, report.review, report.usage
     return [
         ("priority accuracy", percent(s.priority_accuracy)),
         ("category accuracy", percent(s.category_accuracy)),
@@ -274,11 +288,33 @@ def metric_rows(report: EvaluationReport) -> list[tuple[str, str]]:
         ("subject match", percent(s.subject_match)),
         ("triage metric (optimizer's score)", percent(s.triage_score)),
         ("details metric (optimizer's score)", percent(s.details_score)),
+        ("review queue (calls flagged)", f"{percent(r.rate)} ({r.flagged}/{r.n})"),
+        ("wrong priorities flagged", f"{r.wrong_priority_flagged}/{r.wrong_priority}"),
+        ("under-triaged calls flagged", f"{r.under_triaged_flagged}/{r.under_triaged}"),
+        ("locations not in the transcript (flagged)", f"{r.ungrounded_locations} ({r.ungrounded_locations_flagged})"),
         ("failed predictions (triage / details)", f"{s.triage_failed} / {s.details_failed}"),
         ("LM calls (triage / details)", f"{usage['triage'].calls} / {usage['details'].calls}"),
         ("tokens, prompt + completion", f"{report.total_usage.prompt_tokens} + {report.total_usage.completion_tokens}"),
         ("seconds", f"{report.seconds:.0f}"),
     ]
+
+
+def baseline_section(report: EvaluationReport) -> list[str]:
+    """The LM beside the trivial baselines on the same calls."""
+    lines = [
+        "## Against trivial baselines (same calls)",
+        "",
+        "| answers | priority | category | urgent recall |",
+        "|---|---|---|---|",
+    ]
+    rows = [(f"this program ({report.model})", report.scores), *report.baselines.items()]
+    lines += [
+        f"| {name} | {percent(s.priority_accuracy)} | {percent(s.category_accuracy)} | {percent(s.urgent_recall)} |"
+        for name, s in rows
+    ]
+    if not report.baselines:
+        lines += ["", "(no labelled pool in the programs: baselines not computed)"]
+    return lines
 
 
 def confusion_markdown(matrix: dict[str, dict[str, int]]) -> list[str]:
@@ -353,8 +389,12 @@ def evaluate_programs(
     *,
     lm_setup: LMSetup | None = None,
     title: Callable[[str], str] = str,
+    baseline_pool: Sequence[dict[str, Any]] | None = None,
 ) -> EvaluationReport:
-    """Run `programs` ({"triage": ..., "details": ...}) over `examples` and score them."""
+    """Run `programs` ({"triage": ..., "details": ...}) over `examples` and score them.
+
+    The baselines use `baseline_pool` (labelled calls), by default the triage program's nearest-demo pool.
+    """
     setup = lm_setup or build_lm(settings)
     started = time.monotonic()
     runs = {
@@ -362,6 +402,12 @@ def evaluate_programs(
         for name, stage_class in MODULES.items()
     }
     scores = score_calls(examples, runs["triage"].predictions, runs["details"].predictions)
+    reviews = [join_reasons(t, d) for t, d in zip(runs["triage"].reviews, runs["details"].reviews, strict=True)]
+    review = score_review(
+        examples, [e.transcript for e in examples], runs["triage"].predictions, runs["details"].predictions, reviews
+    )
+    if baseline_pool is None:
+        baseline_pool = ((programs["triage"].state or {}).get(NEAREST_DEMOS_KEY) or {}).get("pool", [])
     failures = [
         {"call_id": call_id, "module": name, "error": error}
         for name, run in runs.items()
@@ -373,6 +419,8 @@ def evaluate_programs(
         n=len(examples),
         programs={name: run.program for name, run in runs.items()},
         scores=scores,
+        review=review,
+        baselines=score_baselines(examples, baseline_pool),
         usage={name: run.usage for name, run in runs.items()},
         seconds=time.monotonic() - started,
         failures=failures,
@@ -381,6 +429,7 @@ def evaluate_programs(
                 "call_id": example.call_id,
                 "gold": {name: example[name] for name in LABEL_FIELDS if name != "transcript"},
                 **{name: run.predictions[i] for name, run in runs.items()},
+                "review": reviews[i],
             }
             for i, example in enumerate(examples)
         ],

@@ -237,6 +237,58 @@ def score_calls(
     return scores
 
 
+@dataclass
+class ReviewScores:
+    """How well the review queue points at the answers worth doubting."""
+
+    n: int = 0
+    flagged: int = 0
+    wrong_priority: int = 0
+    wrong_priority_flagged: int = 0
+    under_triaged: int = 0
+    under_triaged_flagged: int = 0
+    ungrounded_locations: int = 0
+    ungrounded_locations_flagged: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        return _rate(self.flagged, self.n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"rate": self.rate}
+
+
+def score_review(
+    gold: Sequence[Any],
+    transcripts: Sequence[str],
+    triage: Sequence[Any | None],
+    details: Sequence[Any | None],
+    reviews: Sequence[str | None],
+) -> ReviewScores:
+    """What the review queue (`reviews`, one per call, None when not flagged) catches.
+
+    A wrong priority is a valid priority that differs from the gold one (a failed prediction is an
+    error, reported apart); an under-triaged call is one predicted less urgent than it is. An
+    ungrounded location is a non-empty predicted location that `is_grounded` rejects.
+    """
+    from triage.grounding import LOCATION_MIN_SHARE, is_grounded
+
+    scores = ReviewScores(n=len(gold), flagged=sum(bool(r) for r in reviews))
+    for g, text, t, d, review in zip(gold, transcripts, triage, details, reviews, strict=True):
+        gold_priority, priority = label(_value(g, "priority")), label(_value(t, "priority"))
+        if priority in PRIORITIES and priority != gold_priority:
+            scores.wrong_priority += 1
+            scores.wrong_priority_flagged += bool(review)
+        if is_under_triage(gold_priority, priority):
+            scores.under_triaged += 1
+            scores.under_triaged_flagged += bool(review)
+        location = _value(d, "location")
+        if location and not is_grounded(location, text, LOCATION_MIN_SHARE):
+            scores.ungrounded_locations += 1
+            scores.ungrounded_locations_flagged += bool(review)
+    return scores
+
+
 def percent(rate: float | None) -> str:
     """A rate as "83.3%", or "n/a" when it is undefined."""
     return "n/a" if rate is None else f"{100 * rate:.1f}%"

@@ -40,11 +40,9 @@ import importlib.util
 import json
 import logging
 import os
-import random
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -52,33 +50,41 @@ from typing import Any
 import dspy
 from dotenv import dotenv_values
 
+from triage.demos import (
+    details_demo,
+    details_features,
+    is_urgent,
+    nearest_pool,
+    select_covering,
+    triage_demo,
+    triage_features,
+)
 from triage.errors import ConfigError, TriageError
 from triage.evaluation import (
     EvaluationReport,
     Usage,
     atomic_write_texts,
+    baseline_section,
     concurrency_for,
     confusion_sections,
     evaluate_programs,
     load_labeled,
     metered,
     metric_rows,
+    run_module,
 )
 from triage.lm import LMSetup, build_lm
 from triage.metrics import details_feedback, details_metric, percent, triage_feedback, triage_metric
 from triage.programs import CallTriager, DetailExtractor
 from triage.settings import Settings, resolve_settings
-from triage.stages import ExtractDetailsStage, ProgramSource, TriageStage
+from triage.stages import ExtractDetailsStage, ProgramSource, Stage, TriageStage
 
 logger = logging.getLogger("triage")
 
-OPTIMIZERS = ("labeled", "bootstrap", "mipro", "gepa")
-DEFAULT_OPTIMIZER = "labeled"
+OPTIMIZERS = ("nearest", "labeled", "bootstrap", "mipro", "gepa")
+DEFAULT_OPTIMIZER = "nearest"
 REFLECTION_MODEL_VARIABLE = "TRIAGE_REFLECTION_MODEL"
 REPORT_NAME = "report"
-# Demo transcripts longer than this are skipped when choosing labeled demos: every demo is re-read
-# in every prompt, and the embedded model's prompt time grows with it.
-MAX_DEMO_WORDS = 90
 BOOTSTRAP_CANDIDATES = 4
 OPTIMIZER_RETRIES = 3
 
@@ -100,6 +106,8 @@ class OptimizeOptions:
     max_train: int | None = None
     max_eval: int | None = None
     demos: int = 6
+    k_candidates: tuple[int, ...] = (2, 3)  # nearest: demos per call, chosen on the eval split by the metric
+    max_demo_chars: int | None = 400  # nearest: longest demo transcript shown (prompt length is the cost)
     reflection_model: str | None = None
     seed: int = 0
 
@@ -112,9 +120,17 @@ class OptimizeOptions:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.eval_split not in ("dev", "test"):
             raise ConfigError(f"--eval-split must be dev or test, got {self.eval_split!r}")
-        for flag, value in (("--max-train", self.max_train), ("--max-eval", self.max_eval), ("--demos", self.demos)):
+        for flag, value in (
+            ("--max-train", self.max_train),
+            ("--max-eval", self.max_eval),
+            ("--demos", self.demos),
+            ("--max-demo-chars", self.max_demo_chars),
+            *(("--k", k) for k in self.k_candidates),
+        ):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if not self.k_candidates:
+            raise ConfigError("--k needs at least one value")
 
 
 def resolve_reflection_model(
@@ -143,103 +159,6 @@ def reflection_settings(settings: Settings, model: str) -> Settings:
     return resolve_settings(flags)
 
 
-# ─── Labeled demos ───────────────────────────────────────────────────────────────────────────────
-
-_NOBODY = {
-    "crime": "a crime with no one described",
-    "medical": "a medical matter with no one described",
-    "fire": "a fire matter with no one described",
-    "animal": "an animal matter",
-    "noise": "a noise complaint",
-    "other": "a matter with no one at risk",
-}
-DETAILS_REASONING = "The location and the person are quoted from the call."
-
-
-def triage_demo(example: dspy.Example) -> dspy.Example:
-    """A complete CallTriager demo; reasoning and summary are templated from the gold labels.
-
-    The reasoning names what the call is about and its category, and nothing about the priority:
-    the embedded model copies a demo's reasoning, and a copied "so it is non_urgent" decided the
-    priority of every later call (urgent recall fell to 0 in a trial with 12 demos).
-    """
-    about = example.subject_description.strip() or _NOBODY[example.category]
-    where = f" ({example.location.strip()})" if example.location.strip() else ""
-    return dspy.Example(
-        transcript=example.transcript,
-        reasoning=f"The call is about {about}; category {example.category}.",
-        priority=example.priority,
-        category=example.category,
-        summary=f"{about[0].upper()}{about[1:]}{where}.",
-    ).with_inputs("transcript")
-
-
-def details_demo(example: dspy.Example) -> dspy.Example:
-    """A complete DetailExtractor demo with a fixed one-line reasoning.
-
-    A reasoning that spelled out the demo's own location and subject was copied into the answers
-    ("The incident is at 7 Beacon Street..."); a fixed line is copied harmlessly and is short.
-    """
-    return dspy.Example(
-        transcript=example.transcript,
-        reasoning=DETAILS_REASONING,
-        location=example.location,
-        subject_description=example.subject_description,
-    ).with_inputs("transcript")
-
-
-def triage_features(example: dspy.Example) -> set[Hashable]:
-    return {("priority", example.priority), ("category", example.category)}
-
-
-def details_features(example: dspy.Example) -> set[Hashable]:
-    return {
-        ("location", bool(example.location)),
-        ("subject", bool(example.subject_description)),
-        ("category", example.category),
-    }
-
-
-def is_urgent(example: dspy.Example) -> bool:
-    return example.priority == "urgent"
-
-
-def select_covering(
-    examples: Sequence[dspy.Example],
-    features: Callable[[dspy.Example], set[Hashable]],
-    k: int,
-    seed: int = 0,
-    max_words: int = MAX_DEMO_WORDS,
-    last: Callable[[dspy.Example], bool] | None = None,
-) -> list[dspy.Example]:
-    """k examples that show every feature value, as evenly as possible.
-
-    Greedy: each pick adds the most values not shown yet, then the values shown least so far;
-    ties go to a seeded shuffle, so the choice is reproducible. Transcripts over `max_words` words
-    are used only if too few are shorter. With `last`, the last chosen example it accepts is moved
-    to the end: a small model leans toward the answer of the demo it read last.
-    """
-    short = [e for e in examples if len(e.transcript.split()) <= max_words]
-    pool = list(short if len(short) >= k else examples)
-    random.Random(seed).shuffle(pool)
-    chosen: list[dspy.Example] = []
-    counts: Counter[Hashable] = Counter()
-
-    def gain(example: dspy.Example) -> tuple[int, int]:
-        values = features(example)
-        return sum(counts[v] == 0 for v in values), -sum(counts[v] for v in values)
-
-    while pool and len(chosen) < k:
-        pick = pool.pop(max(range(len(pool)), key=lambda i: gain(pool[i])))
-        chosen.append(pick)
-        counts.update(features(pick))
-    if last is not None:
-        accepted = [i for i, e in enumerate(chosen) if last(e)]
-        if accepted:
-            chosen.append(chosen.pop(accepted[-1]))
-    return chosen
-
-
 # ─── Compiling ───────────────────────────────────────────────────────────────────────────────────
 
 
@@ -249,7 +168,7 @@ class Target:
 
     name: str
     module_class: type[dspy.Module]
-    program_file: str
+    stage: type[Stage]
     metric: Callable[..., float]
     feedback: Callable[..., dspy.Prediction]
     demo: Callable[[dspy.Example], dspy.Example]
@@ -261,7 +180,7 @@ TARGETS = (
     Target(
         "triage",
         CallTriager,
-        TriageStage.program_file,
+        TriageStage,
         triage_metric,
         triage_feedback,
         triage_demo,
@@ -271,7 +190,7 @@ TARGETS = (
     Target(
         "details",
         DetailExtractor,
-        ExtractDetailsStage.program_file,
+        ExtractDetailsStage,
         details_metric,
         details_feedback,
         details_demo,
@@ -334,6 +253,39 @@ def compile_target(
         metric=target.feedback, auto="light", reflection_lm=reflection_lm, num_threads=threads, seed=options.seed
     )
     return optimizer.compile(student, trainset=demos)
+
+
+def nearest_program(target: Target, examples: list[dspy.Example], k: int, max_demo_chars: int | None) -> dspy.Module:
+    """The target's module with `examples` as its nearest-demo pool."""
+    program = target.module_class()
+    program.nearest.load_state({"k": k, "max_demo_chars": max_demo_chars, "pool": nearest_pool(examples, target.demo)})
+    return program
+
+
+def choose_nearest(
+    target: Target,
+    options: OptimizeOptions,
+    trainset: list[dspy.Example],
+    evalset: list[dspy.Example],
+    settings: Settings,
+    setup: LMSetup,
+) -> tuple[int, dict[int, float]]:
+    """The number of nearest demos (of `options.k_candidates`) with the best mean metric on `evalset`.
+
+    The pool is the train split only, so no evaluated call is shown itself. Ties go to the smaller
+    k, the shorter prompt.
+    """
+    scores: dict[int, float] = {}
+    for k in sorted(options.k_candidates):
+        program = nearest_program(target, trainset, k, options.max_demo_chars)
+        source = ProgramSource(program.dump_state(), f"{k} nearest demos")
+        run = run_module(target.stage, settings, setup, source, evalset, title=f"{target.name}, k={k}")
+        scores[k] = sum(
+            target.metric(example, prediction) if prediction is not None else 0.0
+            for example, prediction in zip(evalset, run.predictions, strict=True)
+        ) / len(evalset)
+        logger.info("      %s with %d nearest demos: metric %s", target.name, k, percent(scores[k]))
+    return max(scores, key=lambda k: (scores[k], -k)), scores
 
 
 def program_json(program: dspy.Module, provenance: dict[str, Any]) -> str:
@@ -404,6 +356,7 @@ class OptimizeResult:
         ]
         rows_after = dict(metric_rows(self.after))
         lines += [f"| {name} | {value} | {rows_after[name]} |" for name, value in metric_rows(self.before)]
+        lines += ["", *baseline_section(self.after)]
         lines += [
             "",
             "## Cost of optimizing",
@@ -461,13 +414,22 @@ def optimize(
     )
 
     default = {t.name: ProgramSource(None, "default prompts") for t in TARGETS}
+    train_pool = [example.toDict() for example in trainset]  # the baselines' labelled calls
     logger.info("[1/5] evaluating the default prompts on %d %s calls", len(evalset), options.eval_split)
     before = evaluate_programs(
-        settings, evalset, options.eval_file, default, lm_setup=setup, title=lambda name: f"default {name}"
+        settings,
+        evalset,
+        options.eval_file,
+        default,
+        lm_setup=setup,
+        title=lambda name: f"default {name}",
+        baseline_pool=train_pool,
     )
 
     compiled: dict[str, dspy.Module] = {}
     usage: dict[str, Usage] = {}
+    chosen_k: dict[str, int] = {}
+    notes: list[str] = []
     for step, target in enumerate(TARGETS, 2):
         logger.info(
             "[%d/5] compiling %s with %s on %d train calls",
@@ -483,9 +445,15 @@ def optimize(
             dspy.context(lm=setup.lm, adapter=setup.adapter()),
             contextlib.redirect_stdout(sys.stderr),
         ):
-            compiled[target.name] = compile_target(
-                target, options, trainset, threads=threads, reflection_lm=reflection_lm
-            )
+            if options.optimizer == "nearest":
+                chosen_k[target.name], by_k = choose_nearest(target, options, trainset, evalset, settings, setup)
+                compiled[target.name] = nearest_program(target, trainset, chosen_k[target.name], options.max_demo_chars)
+                tried = ", ".join(f"k={k}: {percent(score)}" for k, score in by_k.items())
+                notes.append(f"{target.name}: {chosen_k[target.name]} nearest demos per call (metric on eval: {tried})")
+            else:
+                compiled[target.name] = compile_target(
+                    target, options, trainset, threads=threads, reflection_lm=reflection_lm
+                )
         usage[target.name] = spent
         logger.info(
             "      %s compiled in %.0fs: %d demos, %s",
@@ -503,15 +471,30 @@ def optimize(
     }
     texts = {t.name: program_json(compiled[t.name], provenance) for t in TARGETS}
     optimized = {
-        t.name: ProgramSource(json.loads(texts[t.name]), _label(output_dir / t.program_file, texts[t.name]))
+        t.name: ProgramSource(json.loads(texts[t.name]), _label(output_dir / t.stage.program_file, texts[t.name]))
         for t in TARGETS
     }
     logger.info("[4/5] evaluating the optimized programs on %d %s calls", len(evalset), options.eval_split)
     after = evaluate_programs(
-        settings, evalset, options.eval_file, optimized, lm_setup=setup, title=lambda name: f"optimized {name}"
+        settings,
+        evalset,
+        options.eval_file,
+        optimized,
+        lm_setup=setup,
+        title=lambda name: f"optimized {name}",
+        baseline_pool=train_pool,
     )
 
-    notes = []
+    if options.optimizer == "nearest" and options.eval_split == "dev":
+        # Tuned and scored with train as the pool; the saved programs draw on dev's labelled calls too.
+        pool = trainset + load_labeled(options.dev)
+        for target in TARGETS:
+            program = nearest_program(target, pool, chosen_k[target.name], options.max_demo_chars)
+            texts[target.name] = program_json(program, {**provenance, "pool": [options.train, options.dev]})
+        notes.append(
+            f"The figures above use the {len(trainset)} train calls as the demo pool; the saved programs' pool "
+            f"adds {options.dev} ({len(pool)} labelled calls)."
+        )
     if options.optimizer == "labeled":
         notes.append(
             "Demo `reasoning` and `summary` are written from the gold labels by a template "
@@ -526,7 +509,7 @@ def optimize(
         options=options,
         notes=notes,
     )
-    files = {output_dir / t.program_file: texts[t.name] for t in TARGETS}
+    files = {output_dir / t.stage.program_file: texts[t.name] for t in TARGETS}
     report_md, report_json = output_dir / f"{REPORT_NAME}.md", output_dir / f"{REPORT_NAME}.json"
     result.files = [*files, report_md, report_json]
     logger.info("[5/5] saving %s", ", ".join(str(f) for f in result.files))

@@ -7,10 +7,14 @@ called directly, evaluated, and compiled by DSPy's optimizers. The Ray stages in
 
 from __future__ import annotations
 
+import threading
 import typing
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import dspy
+
+from triage.retrieval import SimilarCalls
 
 Priority = Literal["urgent", "non_urgent", "not_an_emergency"]
 Category = Literal["crime", "medical", "fire", "animal", "noise", "other"]
@@ -54,7 +58,83 @@ class ExtractDetails(dspy.Signature):
     )
 
 
-class CallTriager(dspy.Module):
+NEAREST_DEMOS_KEY = "nearest_demos"
+
+
+class NearestDemos:
+    """Per-call demos: the `k` labelled calls most similar to the transcript, the most similar last.
+
+    DSPy's `KNNFewShot` has the idea but compiles to a closure that `save()` cannot keep; here
+    the pool of complete demos and the retrieval settings are plain state, saved in the program
+    file beside the predictor's own, and the similarity index (`SimilarCalls`) is rebuilt from
+    the pool on first use in each process. An empty pool (the default) leaves the predictor's
+    fixed demos in charge. Only demos whose transcript has at most `max_demo_chars` characters
+    are shown (when any are that short): every demo is re-read in every prompt, and prompt
+    length is what a small local model pays for most.
+    """
+
+    def __init__(self, pool: Sequence[dict[str, Any]] = (), k: int = 3, max_demo_chars: int | None = None) -> None:
+        self.pool = [dict(demo) for demo in pool]
+        self.k = k
+        self.max_demo_chars = max_demo_chars
+        self._index: SimilarCalls | None = None
+        self._allowed: list[int] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pool) and self.k > 0
+
+    def dump_state(self) -> dict[str, Any]:
+        return {"k": self.k, "max_demo_chars": self.max_demo_chars, "pool": self.pool}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.__init__(state.get("pool", ()), state.get("k", 3), state.get("max_demo_chars"))
+
+    def nearest(self, transcript: str) -> list[tuple[dict[str, Any], float]]:
+        """(demo, similarity) of the k most similar pool calls, the most similar last."""
+        if not self.active:
+            return []
+        with self._lock:
+            if self._index is None:
+                self._index = SimilarCalls([demo["transcript"] for demo in self.pool])
+                limit = self.max_demo_chars
+                short = [i for i, d in enumerate(self.pool) if limit is None or len(d["transcript"]) <= limit]
+                self._allowed = short or None
+        found = self._index.most_similar(transcript, self.k, allowed=self._allowed)
+        return [(self.pool[i], similarity) for i, similarity in reversed(found)]
+
+    def demos(self, transcript: str) -> list[dspy.Example]:
+        return [dspy.Example(**demo) for demo, _ in self.nearest(transcript)]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NearestDemos:
+        return NearestDemos(self.pool, self.k, self.max_demo_chars)  # the index is rebuilt on use
+
+
+class _NearestDemosModule(dspy.Module):
+    """A module with one ChainOfThought predictor whose demos may be chosen per call (`NearestDemos`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nearest = NearestDemos()
+
+    def _demos(self, transcript: str) -> dict[str, Any]:
+        return {"demos": self.nearest.demos(transcript)} if self.nearest.active else {}
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        state = super().dump_state(json_mode=json_mode)
+        if self.nearest.pool:
+            state[NEAREST_DEMOS_KEY] = self.nearest.dump_state()
+        return state
+
+    def load_state(self, state: dict[str, Any], **kwargs: Any) -> _NearestDemosModule:
+        super().load_state(state, **kwargs)
+        self.nearest.load_state(state.get(NEAREST_DEMOS_KEY))
+        return self
+
+
+class CallTriager(_NearestDemosModule):
     """Priority, category and a one-sentence summary for one call."""
 
     def __init__(self) -> None:
@@ -62,13 +142,13 @@ class CallTriager(dspy.Module):
         self.triage = dspy.ChainOfThought(TriageCall)
 
     def forward(self, transcript: str) -> dspy.Prediction:
-        return self.triage(transcript=transcript)
+        return self.triage(transcript=transcript, **self._demos(transcript))
 
     async def aforward(self, transcript: str) -> dspy.Prediction:
-        return await self.triage.acall(transcript=transcript)
+        return await self.triage.acall(transcript=transcript, **self._demos(transcript))
 
 
-class DetailExtractor(dspy.Module):
+class DetailExtractor(_NearestDemosModule):
     """Location and subject description for one call."""
 
     def __init__(self) -> None:
@@ -76,7 +156,7 @@ class DetailExtractor(dspy.Module):
         self.extract = dspy.ChainOfThought(ExtractDetails)
 
     def forward(self, transcript: str) -> dspy.Prediction:
-        return self.extract(transcript=transcript)
+        return self.extract(transcript=transcript, **self._demos(transcript))
 
     async def aforward(self, transcript: str) -> dspy.Prediction:
-        return await self.extract.acall(transcript=transcript)
+        return await self.extract.acall(transcript=transcript, **self._demos(transcript))

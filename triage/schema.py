@@ -30,6 +30,7 @@ def _schema(categorical: pa.DataType) -> pa.Schema:
             pa.field("summary", pa.string()),
             pa.field("location", pa.string()),
             pa.field("subject_description", pa.string()),
+            pa.field("review", pa.string()),
             pa.field("errors", pa.string()),
             pa.field("model", pa.string()),
             pa.field("prompt_tokens", pa.int64(), nullable=False),

@@ -4,7 +4,7 @@ Block boundaries are what the stages hand on to each other, so blocks are kept s
 batch each): rows then stream through both stages instead of the details stage waiting for
 the triage stage to finish a whole file. Each block already has the output schema; rows
 whose call_id is not in `to_do` (done by an earlier run, or past `--limit`) are left out,
-and overlong transcripts are cut, with a note in `errors`.
+and overlong transcripts are cut, with a note in `review` (the answers saw only the start).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ def prepared_rows(
     for record in read_rows(path, duplicates):
         if record["call_id"] not in to_do:
             continue
-        problem, transcript = record["input_error"], record["transcript"]
+        problem, transcript, review = record["input_error"], record["transcript"], None
         if transcript is not None and len(transcript) > max_chars:
-            problem = f"transcript cut to {max_chars} of {len(transcript)} characters"
+            review = f"transcript cut to {max_chars} of {len(transcript)} characters: the answers saw only the start"
             transcript = transcript[:max_chars]
         yield {
             "call_id": record["call_id"],
             "transcript": transcript,
+            "review": review,
             "errors": f"{INPUT_ERROR_PREFIX}{problem}" if problem else None,
             "model": model,
             "prompt_tokens": 0,

@@ -2,9 +2,11 @@
 
 Data flow (one place): every batch is an Arrow table with the output schema
 (`triage.schema.WORKING_SCHEMA`). The reader fills `call_id`, `transcript`, `model`, zero
-token counts, and `errors` for rows that cannot be triaged ("input: ..."). Each stage
-then fills its own output fields for every other row, adds the tokens it spent, stamps
-`triaged_at`, and appends its failure to `errors` ("triage: ...") leaving its fields null.
+token counts, `errors` for rows that cannot be triaged ("input: ...") and `review` for a
+transcript it had to cut. Each stage then fills its own output fields for every other row,
+adds the tokens it spent, stamps `triaged_at`, appends its reasons to doubt the answer to
+`review` (`triage.review`; the answer itself is never changed), and appends its failure to
+`errors` ("triage: ...") leaving its fields null.
 Rows without a transcript (the reader's problem is in `errors`) are passed through untouched.
 Exactly one output row leaves a stage for each row that enters it, in the same order.
 
@@ -23,7 +25,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +41,7 @@ from triage.errors import redact
 from triage.lm import LMSetup, build_lm
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
+from triage.review import attempts_reason, grounding_reasons, join_reasons, priority_reasons, second_opinion_from_pool
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 
@@ -81,8 +84,17 @@ class StageConfig:
 class RowOutcome:
     values: dict[str, str | None]
     error: str | None = None
+    review: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A validated answer and how many answers it took to get it."""
+
+    values: dict[str, str]
+    attempts: int = 1
 
 
 class InvalidAnswer(Exception):
@@ -108,9 +120,9 @@ def validation_problems(
 ) -> list[str]:
     """What is wrong with an answer: a missing field, an empty one, a value outside its Literal set."""
     problems = []
-    for name, field in signature.output_fields.items():
+    for name, output in signature.output_fields.items():
         value = values.get(name)
-        choices = literal_choices(field.annotation)
+        choices = literal_choices(output.annotation)
         if value is None:
             problems.append(f"`{name}` is missing")
         elif not isinstance(value, str):
@@ -168,8 +180,8 @@ class Stage:
             return RowOutcome(values={})
         with track_usage() as usage:
             try:
-                values = await self.predict(row["transcript"])
-                outcome = RowOutcome(values=values)
+                answer = await self.answer(row["transcript"])
+                outcome = RowOutcome(values=answer.values, review=self.review(row["transcript"], answer))
             except Exception as exc:  # every failure becomes the row's error; nothing escapes to Ray
                 outcome = RowOutcome(values={}, error=self._describe(exc))
         for counts in usage.get_total_tokens().values():
@@ -177,7 +189,11 @@ class Stage:
             outcome.completion_tokens += int(counts.get("completion_tokens") or 0)
         return outcome
 
-    async def predict(self, transcript: str) -> dict[str, str]:
+    def review(self, transcript: str, answer: Answer) -> list[str]:
+        """Reasons a human should check this answer (none by default); see `triage.review`."""
+        return attempts_reason(answer.attempts)
+
+    async def answer(self, transcript: str) -> Answer:
         """The validated output fields for one transcript.
 
         An answer that does not validate is asked again with the reason appended to the
@@ -186,7 +202,7 @@ class Stage:
         backoff and jitter, honouring Retry-After (up to `max_retries` times).
         """
         feedback = None
-        for _ in range(self.settings.validation_attempts):
+        for attempt in range(1, self.settings.validation_attempts + 1):
             try:
                 prediction = await self._request(transcript, self.setup.adapter(feedback))
             except AdapterParseError as exc:
@@ -195,7 +211,7 @@ class Stage:
                 values = {name: prediction.get(name) for name in self.signature.output_fields}
                 problems = validation_problems(values, self.signature, self.may_be_empty)
                 if not problems:
-                    return values
+                    return Answer(values, attempt)
             feedback = self._feedback(problems)
         raise InvalidAnswer(
             f"no valid answer after {self.settings.validation_attempts} attempts: {'; '.join(problems)}"
@@ -236,7 +252,8 @@ class Stage:
     def _fixed_prompt_chars(self) -> int:
         """Characters of the prompt around the transcript (instructions, demos), for token estimates."""
         predictor = self.program.predictors()[0]
-        messages = self.setup.adapter().format(predictor.signature, predictor.demos, {"transcript": ""})
+        demos = self.program.nearest.demos("") or predictor.demos  # nearest demos: a typical set
+        messages = self.setup.adapter().format(predictor.signature, demos, {"transcript": ""})
         return sum(len(str(m.get("content", ""))) for m in messages)
 
     def _request_slot(self) -> asyncio.Semaphore:
@@ -264,6 +281,10 @@ class Stage:
         columns = {name: batch.column(name) for name in batch.column_names}
         for name in self.output_fields():
             columns[name] = pa.array([o.values.get(name) for o in outcomes], pa.string())
+        columns["review"] = pa.array(
+            [join_reasons(old, o.review) for old, o in zip(batch.column("review").to_pylist(), outcomes, strict=True)],
+            pa.string(),
+        )
         columns["errors"] = pa.array(
             [_join_errors(old, o.error) for old, o in zip(batch.column("errors").to_pylist(), outcomes, strict=True)],
             pa.string(),
@@ -301,12 +322,23 @@ def _join_errors(old: str | None, new: str | None) -> str | None:
 
 
 class TriageStage(Stage):
-    """Priority, category and summary (`CallTriager`)."""
+    """Priority, category and summary (`CallTriager`); a second opinion on the priority for review."""
 
     name = "triage"
     module_class = CallTriager
     signature = TriageCall
     program_file = "triager.json"
+
+    def __init__(self, config: StageConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        # A classifier on the program's labelled demo pool (absent with fixed demos): fitted once per actor.
+        self.second_opinion = second_opinion_from_pool(self.program.nearest.pool)
+
+    def review(self, transcript: str, answer: Answer) -> list[str]:
+        reasons = []
+        if self.second_opinion is not None:
+            reasons += priority_reasons(answer.values["priority"], self.second_opinion.probabilities(transcript))
+        return reasons + super().review(transcript, answer)
 
 
 class ExtractDetailsStage(Stage):
@@ -317,3 +349,6 @@ class ExtractDetailsStage(Stage):
     signature = ExtractDetails
     program_file = "detail_extractor.json"
     may_be_empty = frozenset({"location", "subject_description"})
+
+    def review(self, transcript: str, answer: Answer) -> list[str]:
+        return grounding_reasons(answer.values, transcript) + super().review(transcript, answer)

@@ -1,0 +1,133 @@
+"""Demos written from labelled calls: what the programs are shown, and how they are chosen.
+
+The gold labels have no `reasoning` or `summary`, but the programs' ChainOfThought answers do: a
+labelled demo without them would be shown with "Not supplied for this particular example", which a
+small model copies into its answers. So demos get a short reasoning and summary written from their
+gold labels by a template (`triage_demo`, `details_demo`).
+
+Two ways to choose them:
+  * `nearest_pool`: every labelled call becomes a pool entry; each call is then shown its k most
+    similar entries (`triage.programs.NearestDemos`). The default optimizer.
+  * `select_covering`: one fixed set that shows every label evenly (`--optimizer labeled`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import dspy
+
+# Demo transcripts longer than this are skipped when choosing labeled demos: every demo is re-read
+# in every prompt, and the embedded model's prompt time grows with it.
+MAX_DEMO_WORDS = 90
+
+_NOBODY = {
+    "crime": "a crime with no one described",
+    "medical": "a medical matter with no one described",
+    "fire": "a fire matter with no one described",
+    "animal": "an animal matter",
+    "noise": "a noise complaint",
+    "other": "a matter with no one at risk",
+}
+DETAILS_REASONING = "The location and the person are quoted from the call."
+
+
+def triage_demo(example: dspy.Example) -> dspy.Example:
+    """A complete CallTriager demo; reasoning and summary are templated from the gold labels.
+
+    The reasoning names what the call is about and its category, and nothing about the priority:
+    the embedded model copies a demo's reasoning, and a copied "so it is non_urgent" decided the
+    priority of every later call (urgent recall fell to 0 in a trial with 12 demos).
+    """
+    about = example.subject_description.strip() or _NOBODY[example.category]
+    where = f" ({example.location.strip()})" if example.location.strip() else ""
+    return dspy.Example(
+        transcript=example.transcript,
+        reasoning=f"The call is about {about}; category {example.category}.",
+        priority=example.priority,
+        category=example.category,
+        summary=f"{about[0].upper()}{about[1:]}{where}.",
+    ).with_inputs("transcript")
+
+
+def details_demo(example: dspy.Example) -> dspy.Example:
+    """A complete DetailExtractor demo with a fixed one-line reasoning.
+
+    A reasoning that spelled out the demo's own location and subject was copied into the answers
+    ("The incident is at 7 Beacon Street..."); a fixed line is copied harmlessly and is short.
+    """
+    return dspy.Example(
+        transcript=example.transcript,
+        reasoning=DETAILS_REASONING,
+        location=example.location,
+        subject_description=example.subject_description,
+    ).with_inputs("transcript")
+
+
+def triage_features(example: dspy.Example) -> set[Hashable]:
+    return {("priority", example.priority), ("category", example.category)}
+
+
+def details_features(example: dspy.Example) -> set[Hashable]:
+    return {
+        ("location", bool(example.location)),
+        ("subject", bool(example.subject_description)),
+        ("category", example.category),
+    }
+
+
+def is_urgent(example: dspy.Example) -> bool:
+    return example.priority == "urgent"
+
+
+def select_covering(
+    examples: Sequence[dspy.Example],
+    features: Callable[[dspy.Example], set[Hashable]],
+    k: int,
+    seed: int = 0,
+    max_words: int = MAX_DEMO_WORDS,
+    last: Callable[[dspy.Example], bool] | None = None,
+) -> list[dspy.Example]:
+    """k examples that show every feature value, as evenly as possible.
+
+    Greedy: each pick adds the most values not shown yet, then the values shown least so far;
+    ties go to a seeded shuffle, so the choice is reproducible. Transcripts over `max_words` words
+    are used only if too few are shorter. With `last`, the last chosen example it accepts is moved
+    to the end: a small model leans toward the answer of the demo it read last.
+    """
+    short = [e for e in examples if len(e.transcript.split()) <= max_words]
+    pool = list(short if len(short) >= k else examples)
+    random.Random(seed).shuffle(pool)
+    chosen: list[dspy.Example] = []
+    counts: Counter[Hashable] = Counter()
+
+    def gain(example: dspy.Example) -> tuple[int, int]:
+        values = features(example)
+        return sum(counts[v] == 0 for v in values), -sum(counts[v] for v in values)
+
+    while pool and len(chosen) < k:
+        pick = pool.pop(max(range(len(pool)), key=lambda i: gain(pool[i])))
+        chosen.append(pick)
+        counts.update(features(pick))
+    if last is not None:
+        accepted = [i for i, e in enumerate(chosen) if last(e)]
+        if accepted:
+            chosen.append(chosen.pop(accepted[-1]))
+    return chosen
+
+
+def nearest_pool(
+    examples: Sequence[dspy.Example], demo: Callable[[dspy.Example], dspy.Example]
+) -> list[dict[str, Any]]:
+    """Every labelled call as a complete demo, with its call_id and gold labels (the second opinion's data)."""
+    pool = []
+    for example in examples:
+        entry = demo(example).toDict()
+        for name in ("call_id", "priority", "category"):
+            if name in example:
+                entry[name] = example[name]
+        pool.append(entry)
+    return pool

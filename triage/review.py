@@ -1,0 +1,79 @@
+"""The review queue: why a human should look at a call's answers. Answers are never changed here.
+
+Each stage adds its reasons to the row's `review` column (null when there are none), joined by
+"; ", the most serious first:
+
+1. "possible under-triage: ..." the second opinion (a classifier on the labelled calls,
+   `triage.retrieval.SecondOpinion`) gives `urgent` at least `UNDER_TRIAGE_P` while the LM
+   answered something else. Sending help late is the costliest error, so this fires well
+   below an even chance.
+2. "priority disagrees: ..." the second opinion's own answer differs from the LM's with at
+   least `DISAGREE_P` confidence.
+3. "answered on attempt N": earlier answers did not validate.
+4. "location not in the transcript: ..." / "subject not in the transcript: ..." (`triage.grounding`).
+5. "transcript cut ...": the reader shortened an overlong transcript (set by the reader).
+
+The thresholds were chosen on the dev split with the embedded model and the committed programs
+(`python scripts/tune_review.py`, see docs/quality.md): the fewest flags that still catch every
+under-triaged dev call and most wrong priorities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from triage.grounding import ungrounded_fields
+from triage.retrieval import SecondOpinion
+
+URGENT = "urgent"
+UNDER_TRIAGE_P = 0.25
+DISAGREE_P = 0.5
+_FIELD_NAMES = {"location": "location", "subject_description": "subject"}
+
+
+def priority_reasons(
+    priority: str, opinion: dict[str, float], *, under_triage_p: float = UNDER_TRIAGE_P, disagree_p: float = DISAGREE_P
+) -> list[str]:
+    """Reasons to doubt the LM's `priority`, given the second opinion's probabilities."""
+    if not opinion:
+        return []
+    p_urgent = opinion.get(URGENT, 0.0)
+    if priority != URGENT and p_urgent >= under_triage_p:
+        return [f"possible under-triage: similar labelled calls say urgent ({p_urgent:.0%}), the answer is {priority}"]
+    best = max(opinion, key=opinion.__getitem__)
+    if best != priority and opinion[best] >= disagree_p:
+        return [
+            f"priority disagrees: similar labelled calls say {best} ({opinion[best]:.0%}), the answer is {priority}"
+        ]
+    return []
+
+
+def attempts_reason(attempts: int) -> list[str]:
+    return [f"answered on attempt {attempts} (earlier answers did not validate)"] if attempts > 1 else []
+
+
+def grounding_reasons(values: dict[str, str | None], transcript: str) -> list[str]:
+    """One reason per grounded field whose answer is not taken from the transcript."""
+    return [
+        f"{_FIELD_NAMES[name]} not in the transcript: {values[name]!r}"
+        for name in ungrounded_fields(values, transcript)
+    ]
+
+
+def join_reasons(*parts: str | Sequence[str] | None) -> str | None:
+    """The reasons as one `review` value: "; "-joined, None when there are none."""
+    reasons: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            reasons.append(part)
+        elif part:
+            reasons.extend(part)
+    return "; ".join(reasons) or None
+
+
+def second_opinion_from_pool(pool: Sequence[dict], label: str = "priority") -> SecondOpinion | None:
+    """A classifier on a program's demo pool, or None when the pool holds no such labels."""
+    labelled = [demo for demo in pool if isinstance(demo.get(label), str) and demo.get("transcript")]
+    if len({demo[label] for demo in labelled}) < 2:
+        return None
+    return SecondOpinion([d["transcript"] for d in labelled], [d[label] for d in labelled])
