@@ -28,7 +28,7 @@ from dspy.utils.usage_tracker import track_usage
 
 from triage.errors import InputError, TriageError, redact
 from triage.lm import LMSetup, build_lm
-from triage.local_model import is_local_model
+from triage.local import is_local_model
 from triage.metrics import FAILED, INVALID, Scores, percent, score_calls
 from triage.programs import CATEGORIES, PRIORITIES
 from triage.settings import Settings
