@@ -1,4 +1,4 @@
-"""Benchmark the embedded model (triage.local_model) on the two ChainOfThought programs.
+"""Benchmark the embedded model (triage.local) on the two ChainOfThought programs.
 
     .venv/bin/python scripts/bench_local_model.py                       # threads 1 and 2, 5 dev calls
     .venv/bin/python scripts/bench_local_model.py --threads 2 --rows 10 --reasoning-chars 160
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import dspy  # noqa: E402
 
 from triage.lm import GrammarJSONAdapter  # noqa: E402
-from triage.local_model import (  # noqa: E402
+from triage.local import (  # noqa: E402
     DEFAULT_FIELD_MAX_CHARS,
     DEFAULT_MAX_STRING_CHARS,
     DEFAULT_MAX_TOKENS,

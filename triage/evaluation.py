@@ -29,7 +29,7 @@ from dspy.utils.usage_tracker import track_usage
 from triage.baselines import score_baselines
 from triage.errors import InputError, TriageError, redact
 from triage.lm import LMSetup, build_lm
-from triage.local_model import is_local_model
+from triage.local import is_local_model
 from triage.metrics import FAILED, INVALID, ReviewScores, Scores, percent, score_calls, score_review
 from triage.programs import CATEGORIES, NEAREST_DEMOS_KEY, PRIORITIES
 from triage.review import join_reasons

@@ -196,7 +196,7 @@ _CALL_INPUTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Contex
 def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = None) -> LMSetup:
     """The LM named by `settings.model`; `local/...` is the embedded model, anything else DSPy's client."""
     from triage import dspy_speedups
-    from triage.local_model import is_local_model, make_local_lm
+    from triage.local import is_local_model, make_local_lm
     from triage.native_engine import build_native_lm
 
     dspy_speedups.install()

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from triage.errors import ConfigError
 from triage.inputs import InputScan, check_input_file, resolve_input_files, scan_inputs
-from triage.local_model import is_local_model
+from triage.local import is_local_model
 from triage.manifest import estimated_cost, now_iso, package_versions, write_manifest
 from triage.progress import Progress
 from triage.ratelimit import get_or_create_limiter
