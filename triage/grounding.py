@@ -85,7 +85,7 @@ def is_grounded(answer: str | None, transcript: str, min_share: float) -> bool:
     transcript; of the other words, leaving out fillers ("the", "of", "caller"), at least
     `min_share` must be.
     """
-    words = [w for w in _words(answer or "") if w not in _FILLER]
+    words = [w for w in _words(answer or "") if w not in _FILLER and (len(w) > 1 or w.isdigit())]
     if not words:
         return True
     said = set(_words(transcript))

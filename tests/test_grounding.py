@@ -1,0 +1,125 @@
+"""Grounded answers: the check any model's answer gets, and the span grammar the embedded model decodes under."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import dspy
+import pytest
+
+from triage.grounding import (
+    LOCATION_MIN_SHARE,
+    SPAN_OF,
+    SUBJECT_MIN_SHARE,
+    is_grounded,
+    span_grammar,
+    split_span_properties,
+    ungrounded_fields,
+    with_span_rules,
+)
+from triage.lm import GrammarJSONAdapter
+from triage.local import make_local_lm
+from triage.local.grammar import schema_to_grammar
+from triage.programs import ExtractDetails
+
+TRANSCRIPT = (
+    'Caller: There\'s smoke at 48 Sparrow Hill Lane, the "blue house"!\n'
+    "Dispatcher: Anyone inside? Caller: My dad, he's 80, he uses a walker."
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "share", "grounded"),
+    [
+        ("48 Sparrow Hill Lane", LOCATION_MIN_SHARE, True),
+        ("48 SPARROW HILL LANE.", LOCATION_MIN_SHARE, True),  # case and punctuation aside
+        ("the blue house, 48 Sparrow Hill", LOCATION_MIN_SHARE, True),  # word order aside
+        ("", LOCATION_MIN_SHARE, True),
+        ("the factory on Canal Street", LOCATION_MIN_SHARE, False),  # copied from a demo
+        ("84 Sparrow Hill Lane", LOCATION_MIN_SHARE, False),  # a house number not said
+        ("48 Sparrow Hill Road", LOCATION_MIN_SHARE, False),  # 3 of 4 words < 80%
+        ("caller's dad, 80, uses a walker", SUBJECT_MIN_SHARE, True),
+        ("caller's dad, 80, in a wheelchair", SUBJECT_MIN_SHARE, True),  # 2 of 3 content words said
+        ("a woman in a wheelchair", SUBJECT_MIN_SHARE, False),  # none said
+        ("caller's dad, 81, uses a walker", SUBJECT_MIN_SHARE, False),  # an age not said
+    ],
+)
+def test_is_grounded(answer, share, grounded):
+    assert is_grounded(answer, TRANSCRIPT, share) is grounded
+
+
+def test_ungrounded_fields_names_only_the_fields_not_in_the_transcript():
+    values = {"location": "12 Canal Street", "subject_description": "caller's dad, 80", "reasoning": "made up"}
+    assert ungrounded_fields(values, TRANSCRIPT) == ["location"]
+    assert ungrounded_fields({"location": None}, TRANSCRIPT) == []
+
+
+def span_regex(text: str, max_words: int) -> set[str]:
+    """Every value `span_grammar` accepts: "" and each run of 1 to max_words whole words, as written."""
+    words = list(re.finditer(r"\w+", text))
+    spans = {""}
+    for i in range(len(words)):
+        for j in range(i, min(i + max_words, len(words))):
+            spans.add(text[words[i].start() : words[j].end()])
+    return spans
+
+
+def test_span_grammar_has_one_start_per_word_and_keeps_the_texts_separators():
+    text = 'He said "stop", at 5 Elm St.\nOK'
+    rules = dict(line.split(" ::= ", 1) for line in span_grammar(text, "s", max_words=3))
+    assert rules["s"] == '"\\"" ( s-start )? "\\"" space'
+    assert rules["s-start"] == " | ".join(f"s-w{i}-3" for i in range(8))
+    assert rules["s-w1-3"] == '"said" ( " \\\\\\"" s-w2-2 )?'  # the quote, JSON-escaped inside a GBNF literal
+    assert rules["s-w6-2"] == '"St" ( ".\\\\n" s-w7-1 )?'  # a newline, JSON-escaped
+    assert rules["s-w2-1"] == '"stop"'  # no words left: the span ends here
+    assert rules["s-w7-3"] == '"OK"'  # the last word ends every span
+    assert span_grammar("...", "s") == ['s ::= "\\"" "\\"" space']  # no words: only ""
+
+
+def test_span_properties_become_span_rules_in_the_schemas_grammar():
+    schema = {
+        "type": "object",
+        "properties": {"reasoning": {"type": "string"}, "location": {"type": "string", SPAN_OF: "at 5 Elm St"}},
+        "required": ["reasoning", "location"],
+        "additionalProperties": False,
+    }
+    rewritten, spans = split_span_properties(schema)
+    assert rewritten["properties"]["location"] == {"const": "span-placeholder-1"}
+    assert spans == {"span-placeholder-1": "at 5 Elm St"}
+    grammar = with_span_rules(schema_to_grammar(rewritten), spans)
+    assert "location ::= span0" in grammar.splitlines()
+    assert "span-placeholder" not in grammar
+    assert split_span_properties({"type": "string"}) == ({"type": "string"}, {})
+
+
+@pytest.fixture(scope="module")
+def local_lm() -> dspy.LM:
+    lm = make_local_lm(cache=False, max_string_chars=60, field_max_chars={"reasoning": 60})
+    yield lm
+    lm.engine.close()
+
+
+@pytest.mark.slow
+def test_the_embedded_model_cannot_copy_a_demos_address(local_lm):
+    """A demo whose address is not in the call: the model's location and subject are still spans of the call."""
+    extract = dspy.ChainOfThought(ExtractDetails)
+    demo = dspy.Example(
+        transcript="Caller: Fire at the factory on Canal Street! Two workers are inside.",
+        reasoning="The location and the person are quoted from the call.",
+        location="the factory on Canal Street",
+        subject_description="two workers inside",
+    )
+    transcripts = [
+        TRANSCRIPT,
+        "Caller: Someone broke into my car last night on Route 9, near the diner. Nothing else.",
+        "Caller: Hello? Help!",
+    ]
+    with dspy.context(lm=local_lm, adapter=GrammarJSONAdapter()):
+        for transcript in transcripts:
+            answer = extract(transcript=transcript, demos=[demo])
+            raw = json.loads(local_lm.engine.runtime.last_generation.text)
+            for name in ("location", "subject_description"):
+                allowed = span_regex(transcript, 12)
+                assert raw[name] in allowed, (name, raw[name])
+                assert answer[name] == raw[name]
