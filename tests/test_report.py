@@ -179,6 +179,29 @@ def test_urgent_calls_listed_with_summary_and_location(tmp_path):
     assert "c-noise-1" not in rows
 
 
+def test_calls_needing_review_come_under_triage_first_then_urgent(tmp_path):
+    rows = [
+        *ROWS,
+        _row("r-calm", "non_urgent", "noise", review="location not in the transcript: '1 Canal St'"),
+        _row("r-urgent", "urgent", "fire", review="answered on attempt 2 (earlier answers did not validate)"),
+        _row(
+            "r-under",
+            "non_urgent",
+            "medical",
+            review=f"possible under-triage: similar labelled calls say urgent (61%), answer non_urgent; {ATTACK}",
+        ),
+    ]
+    page = render(tmp_path, rows, manifest=MANIFEST)
+    assert stat(page, "review").startswith("3 need review 23.1%")
+    listed = re.findall(r'<tr data-review-id="([^"]+)"', page)
+    assert listed == ["r-under", "r-urgent", "r-calm"]
+    texts = {key[0]: text for key, text in cells(page).items() if key[0].startswith("data-review-id=")}
+    assert "possible under-triage: similar labelled calls say urgent (61%)" in texts["data-review-id=r-under"]
+    assert "&lt;script&gt;" in page and "<script" not in page.lower()
+    assert "Needs review (3)" in page
+    assert "No call needs review." in render(tmp_path / "calm", ROWS)
+
+
 def test_untrusted_text_is_escaped(tmp_path):
     page = render(tmp_path, manifest=MANIFEST)
     assert "<script" not in page.lower()

@@ -2,7 +2,8 @@
 
 The page reads the output dataset (and its `_manifest.json`, when the run left one) and shows
 the headline numbers, calls by priority x category (a heat-map table and an SVG bar chart),
-the urgent calls, error counts by reason, tokens and cost, and the manifest.
+the calls that need review (possible under-triage first, then urgent calls), the urgent calls,
+error counts by reason, tokens and cost, and the manifest.
 
 Self-contained: CSS and charts are inline, and a Content-Security-Policy forbids every script
 and every request, so the page works offline and an escaping slip could not run code. Every
@@ -38,6 +39,8 @@ STAGES = ("input", "triage", "extract_details")
 NOT_TRIAGED = "not triaged"
 REQUIRED_COLUMNS = ("call_id", "priority", "category", "errors", "prompt_tokens", "completion_tokens")
 MAX_URGENT_ROWS = 500
+MAX_REVIEW_ROWS = 500
+UNDER_TRIAGE_REASON = "possible under-triage"
 MAX_TRANSCRIPT_CHARS = 4000
 MAX_KIND_CHARS = 80
 MASK = "****"
@@ -93,6 +96,14 @@ class Report:
     @property
     def with_errors(self) -> int:
         return int(self.calls["errors"].notna().sum())
+
+    @property
+    def needs_review(self) -> pd.DataFrame:
+        """Calls with a review reason, most serious first: possible under-triage, then urgent, then the rest."""
+        flagged = self.calls[self.calls["review"].notna()]
+        rank = flagged["review"].str.contains(UNDER_TRIAGE_REASON, regex=False).map({True: 0, False: 2})
+        rank = rank.where(~((rank == 2) & (flagged["priority"] == "urgent")), 1)
+        return flagged.assign(_rank=rank).sort_values(["_rank", "call_id"]).drop(columns="_rank")
 
 
 @dataclass(frozen=True)
@@ -321,12 +332,13 @@ def _stat(name: str, value: str, label: str, note: str = "", tone: str = "") -> 
 
 def headline(report: Report) -> str:
     calls = report.calls
-    total, urgent, failed = len(calls), len(report.urgent), report.with_errors
+    total, urgent, failed, review = len(calls), len(report.urgent), report.with_errors, len(report.needs_review)
     cost, cost_note = estimated_cost(report.manifest)
     stats = [
         _stat("calls", _number(total), "calls"),
         _stat("urgent", _number(urgent), "urgent", _percent(urgent, total), "alert" if urgent else ""),
         _stat("errors", _number(failed), "with errors", _percent(failed, total), "warn" if failed else ""),
+        _stat("review", _number(review), "need review", _percent(review, total), "warn" if review else ""),
         _stat("prompt_tokens", _number(calls["prompt_tokens"].sum()), "tokens in"),
         _stat("completion_tokens", _number(calls["completion_tokens"].sum()), "tokens out"),
         _stat("cost", cost, "estimated cost", cost_note),
@@ -441,13 +453,7 @@ def urgent_table(report: Report, limit: int = MAX_URGENT_ROWS) -> str:
 
 
 def _urgent_row(row: dict[str, Any]) -> str:
-    transcript = row.get("transcript")
-    shown = transcript if transcript is None or len(transcript) <= MAX_TRANSCRIPT_CHARS else _clip(transcript)
-    details = (
-        f'<details><summary>transcript</summary><pre class="transcript">{esc(shown)}</pre></details>'
-        if transcript
-        else ""
-    )
+    details = _transcript(row)
     when = row.get("triaged_at")
     when_text = f"{when:%Y-%m-%d %H:%M}" if isinstance(when, pd.Timestamp | datetime) and not pd.isna(when) else ""
     return (
@@ -456,6 +462,38 @@ def _urgent_row(row: dict[str, Any]) -> str:
         f"<td>{_maybe(row.get('location'), empty='(none given)')}</td>"
         f'<td>{_maybe(row.get("subject_description"), empty="")}</td><td class="when">{esc(when_text)}</td></tr>'
     )
+
+
+def review_table(report: Report, limit: int = MAX_REVIEW_ROWS) -> str:
+    flagged = report.needs_review
+    if flagged.empty:
+        return '<p class="empty">No call needs review.</p>'
+    body = "".join(_review_row(row) for row in flagged.head(limit).to_dict("records"))
+    shown = f"the first {limit:,} of " if len(flagged) > limit else ""
+    return (
+        f'<p class="note">Showing {shown}{len(flagged):,} calls whose answers a second opinion or a check '
+        "doubts; the answers are as the model gave them.</p>"
+        '<table class="calls" id="review-calls"><thead><tr><th>call</th><th>priority</th><th>category</th>'
+        f"<th>why</th><th>summary</th><th>location</th></tr></thead><tbody>{body}</tbody></table>"
+    )
+
+
+def _review_row(row: dict[str, Any]) -> str:
+    reasons = "".join(f"<li>{esc(reason)}</li>" for reason in str(row["review"]).split("; "))
+    return (
+        f'<tr data-review-id="{esc(row["call_id"])}"><td class="id">{esc(row["call_id"])}</td>'
+        f"<td>{_maybe(row.get('priority'))}</td><td>{_maybe(row.get('category'))}</td>"
+        f'<td><ul class="reasons">{reasons}</ul></td><td>{_maybe(row.get("summary"))}{_transcript(row)}</td>'
+        f"<td>{_maybe(row.get('location'), empty='(none given)')}</td></tr>"
+    )
+
+
+def _transcript(row: dict[str, Any]) -> str:
+    transcript = row.get("transcript")
+    if not transcript:
+        return ""
+    shown = transcript if len(transcript) <= MAX_TRANSCRIPT_CHARS else _clip(transcript)
+    return f'<details><summary>transcript</summary><pre class="transcript">{esc(shown)}</pre></details>'
 
 
 def _clip(text: str) -> str:
@@ -528,6 +566,7 @@ def render_html(report: Report) -> str:
     sections = [
         headline(report),
         _section("matrix", "Calls by priority and category", heatmap_table(counts) + category_chart(counts)),
+        _section("review", f"Needs review ({len(report.needs_review):,})", review_table(report)),
         _section("urgent", f"Urgent calls ({len(report.urgent):,})", urgent_table(report)),
         _section("errors", "Errors by reason", errors_table(report)),
         _section("tokens", "Tokens and cost", tokens_table(report)),
@@ -577,6 +616,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .chart .axis, .chart .legend, .chart .count { font: 12px system-ui, "DejaVu Sans", sans-serif; fill: #333; }
 .calls td.id, .calls td.when { white-space: nowrap; font-variant-numeric: tabular-nums; }
 .calls td { overflow-wrap: anywhere; }
+ul.reasons { margin: 0; padding-left: 16px; }
 details summary { cursor: pointer; color: #4f7cac; font-size: 12px; margin-top: 4px; }
 pre.transcript { white-space: pre-wrap; overflow-wrap: anywhere; background: #f4f4f4; padding: 8px; border-radius: 4px;
   font: 12px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; max-height: 240px; overflow: auto; }
