@@ -39,12 +39,10 @@ def priority_reasons(
         return []
     p_urgent = opinion.get(URGENT, 0.0)
     if priority != URGENT and p_urgent >= under_triage_p:
-        return [f"possible under-triage: similar labelled calls say urgent ({p_urgent:.0%}), the answer is {priority}"]
+        return [f"possible under-triage: similar labelled calls say urgent ({p_urgent:.0%}), answer {priority}"]
     best = max(opinion, key=opinion.__getitem__)
     if best != priority and opinion[best] >= disagree_p:
-        return [
-            f"priority disagrees: similar labelled calls say {best} ({opinion[best]:.0%}), the answer is {priority}"
-        ]
+        return [f"priority disagrees: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
     return []
 
 

@@ -1,0 +1,116 @@
+"""The review queue: its rules, and the stages filling `review` without ever changing an answer."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pytest
+
+from tests.doubles import fields_for, last_user_text, scripted_lm, transcript_of
+from triage.demos import nearest_pool, triage_demo
+from triage.evaluation import load_labeled
+from triage.lm import ChatAdapter, LMSetup
+from triage.programs import CallTriager
+from triage.review import join_reasons, priority_reasons
+from triage.schema import WORKING_SCHEMA
+from triage.settings import Settings
+from triage.stages import ExtractDetailsStage, ProgramSource, StageConfig, TriageStage
+
+TRAIN = "data/train.jsonl"
+FIRE = "Caller: The house next door is on fire, flames out of the windows, people screaming inside!"
+# A labelled train call (the pool's own label for it is not_an_emergency, about 64% sure).
+QUESTION = (
+    "Caller: Hi, is Route 50 closed because of the snow? I'm trying to drive to Ocean City tonight. "
+    "Dispatcher: Please check the DOT road conditions line or website, sir. This is 911."
+)
+
+
+def test_priority_reasons_put_possible_under_triage_first_and_only_when_the_answer_is_not_urgent():
+    opinion = {"urgent": 0.30, "non_urgent": 0.60, "not_an_emergency": 0.10}
+    assert priority_reasons("non_urgent", opinion) == [
+        "possible under-triage: similar labelled calls say urgent (30%), answer non_urgent"
+    ]
+    assert priority_reasons("urgent", opinion) == [
+        "priority disagrees: similar labelled calls say non_urgent (60%), answer urgent"
+    ]
+    calm = {"urgent": 0.10, "non_urgent": 0.45, "not_an_emergency": 0.45}
+    assert priority_reasons("not_an_emergency", calm) == []  # no label sure enough to disagree with
+    assert priority_reasons("urgent", {"urgent": 0.9, "non_urgent": 0.1}) == []
+    assert priority_reasons("non_urgent", {}) == []  # no second opinion, no reason
+
+
+def test_join_reasons_keeps_order_and_is_null_when_empty():
+    assert join_reasons(None, []) is None
+    assert join_reasons("transcript cut", ["a", "b"], None) == "transcript cut; a; b"
+
+
+def batch(transcripts: list[str], review: list[str | None] | None = None) -> pa.Table:
+    n = len(transcripts)
+    columns = {name: [None] * n for name in WORKING_SCHEMA.names}
+    columns |= {
+        "call_id": [f"c{i}" for i in range(n)],
+        "transcript": transcripts,
+        "review": review or [None] * n,
+        "model": ["m"] * n,
+        "prompt_tokens": [0] * n,
+        "completion_tokens": [0] * n,
+        "triaged_at": [datetime(2020, 1, 1, tzinfo=UTC)] * n,
+    }
+    return pa.table(columns, schema=WORKING_SCHEMA)
+
+
+def stage_with(stage_class, script, state=None, **settings):
+    lm, engine = scripted_lm(script)
+    config = StageConfig(
+        settings=Settings(model="scripted/test", **settings), program=ProgramSource(state, "test"), in_flight=4
+    )
+    return stage_class(config, lm_setup=LMSetup(lm, ChatAdapter)), engine
+
+
+@pytest.fixture(scope="module")
+def nearest_triager_state() -> dict:
+    program = CallTriager()
+    program.nearest.load_state({"k": 2, "pool": nearest_pool(load_labeled(TRAIN), triage_demo)})
+    return program.dump_state()
+
+
+def test_triage_stage_flags_a_priority_its_second_opinion_doubts_and_keeps_the_answer(nearest_triager_state):
+    def script(request):  # the LM calls the fire calm and the question urgent
+        calm = "on fire" in transcript_of(request)
+        return fields_for("triage", priority="non_urgent" if calm else "urgent", category="other")
+
+    stage, engine = stage_with(TriageStage, script, nearest_triager_state)
+    rows = asyncio.run(
+        stage(batch([FIRE, QUESTION], review=["transcript cut to 90 of 120 characters", None]))
+    ).to_pylist()
+    assert [r["priority"] for r in rows] == ["non_urgent", "urgent"]  # never changed
+    fire_review, question_review = rows[0]["review"], rows[1]["review"]
+    assert fire_review.startswith("transcript cut to 90 of 120 characters; possible under-triage: ")
+    assert fire_review.endswith("answer non_urgent")
+    assert question_review.startswith("priority disagrees: similar labelled calls say not_an_emergency")
+    # The prompt showed the two most similar labelled calls, not fixed demos.
+    fire_prompt = next(last_user_text(r) for r in engine.requests if "on fire" in transcript_of(r))
+    assert fire_prompt.count("[[ ## transcript ## ]]") == 1  # the demos are earlier messages
+    assert sum("[[ ## transcript ## ]]" in m.text for r in engine.requests[:1] for m in r.messages if m.text) == 3
+
+
+def test_a_validation_retry_is_a_reason_to_review():
+    answers = iter([fields_for("triage", priority="very urgent"), fields_for("triage", priority="urgent")])
+    stage, _ = stage_with(TriageStage, lambda request: next(answers))
+    [row] = asyncio.run(stage(batch([FIRE]))).to_pylist()
+    assert row["priority"] == "urgent"
+    assert row["review"] == "answered on attempt 2 (earlier answers did not validate)"
+
+
+def test_details_stage_flags_a_location_that_is_not_in_the_transcript():
+    def script(request):
+        copied = "on fire" in transcript_of(request)
+        return fields_for("details", location="the factory on Canal Street" if copied else "", subject_description="")
+
+    stage, _ = stage_with(ExtractDetailsStage, script)
+    rows = asyncio.run(stage(batch([FIRE, QUESTION]))).to_pylist()
+    assert rows[0]["location"] == "the factory on Canal Street"  # kept as answered, and flagged
+    assert rows[0]["review"] == "location not in the transcript: 'the factory on Canal Street'"
+    assert rows[1]["review"] is None
