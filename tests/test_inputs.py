@@ -114,6 +114,35 @@ def test_a_rows_id_and_its_error_message_cite_the_same_line(tmp_path):
     assert [r["call_id"] for f in (jsonl, other) for r in read_rows(f, scan.duplicates)] == scan.call_ids
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("calls.csv", 'call_id,transcript\r\n,smoke in the hall\r\nB-2,"dog, barking"\r\n'),  # as Excel writes it
+        ("calls.jsonl", '{"transcript": "smoke in the hall"}\n{"call_id": "B-2", "transcript": "dog, barking"}\n'),
+        ("calls.txt", "smoke in the hall\ndog, barking\n"),
+    ],
+    ids=["csv", "jsonl", "text"],
+)
+def test_a_byte_order_mark_reads_like_a_plain_file(tmp_path, name, content):
+    plain, marked = tmp_path / "plain" / name, tmp_path / "marked" / name
+    for path, encoding in ((plain, "utf-8"), (marked, "utf-8-sig")):
+        path.parent.mkdir()
+        path.write_bytes(content.encode(encoding))
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    check_input_file(marked)  # the header has its `transcript` column
+    rows = rows_of(marked)
+    assert rows == rows_of(plain)
+    assert rows[0] == {"call_id": f"{name}:1", "transcript": "smoke in the hall", "input_error": None}
+    assert scan_inputs([marked]).call_ids == scan_inputs([plain]).call_ids
+
+
+def test_a_byte_order_mark_does_not_hide_a_missing_transcript_field(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes('{"text": "hello"}\n'.encode("utf-8-sig"))
+    with pytest.raises(InputError, match="first record has no 'transcript' field"):
+        check_input_file(jsonl)
+
+
 def test_folder_and_glob(tmp_path):
     (tmp_path / "b.txt").write_text("x\n")
     (tmp_path / "a.jsonl").write_text('{"transcript": "y"}\n')

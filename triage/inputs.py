@@ -15,10 +15,13 @@ One numbering names a row everywhere, in its id and in its error message:
   so `calls.jsonl:12` and `line 12: invalid JSON` both name line 12, whatever precedes it.
 - CSV: the record's position after the header (a quoted field may span several lines).
 - Parquet: the row's position in the file.
+
+A UTF-8 byte-order mark at the start of a file (as Excel writes CSV) is not part of the data.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import io
@@ -117,13 +120,15 @@ def _check_first_json_record(path: Path) -> None:
 
 def _open_text(path: Path) -> io.TextIOWrapper:
     # Invalid UTF-8 is replaced, not fatal: the affected row is flagged by read_rows.
-    return open(path, encoding="utf-8", errors="replace", newline="")
+    # "utf-8-sig" drops a byte-order mark at the start of the file, and only there.
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def _binary_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """The lines of a file with their 1-based numbers."""
+    """The lines of a file with their 1-based numbers, a byte-order mark at the start removed."""
     with open(path, "rb") as handle:
-        yield from enumerate(handle, start=1)
+        for number, line in enumerate(handle, start=1):
+            yield number, line.removeprefix(codecs.BOM_UTF8) if number == 1 else line
 
 
 def read_rows(path: Path, duplicates: frozenset[str] | set[str] = frozenset()) -> Iterator[Record]:
