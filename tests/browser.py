@@ -1,4 +1,8 @@
-"""A real headless Chromium for tests: find it, install it once when missing, open a page.
+"""A real headless Chromium for tests: find it, open a page.
+
+Chromium is not installed from here: `make setup` installs Debian's `chromium` (its `chromium`
+target, which needs root and apt-get). Without it, `require_chromium` raises `BrowserError`
+saying so, and the report's browser test is skipped with that reason.
 
 `open_page` drives Chromium over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
 JSON messages ending in a NUL byte on file descriptors 3 and 4), stdlib only. One launch
@@ -24,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-INSTALL_COMMAND = "apt-get update && apt-get install -y chromium"
-INSTALL_TIMEOUT = 1800.0
+INSTALL_HINT = "`make setup` installs Debian's chromium (`make chromium`; needs root and apt-get)"
 LOCAL_SCHEMES = ("file:", "data:", "about:")
 FLAGS = (
     "--headless",
@@ -44,7 +47,7 @@ FLAGS = (
 
 
 class BrowserError(Exception):
-    """Chromium is missing, could not be installed, or did not answer in time."""
+    """Chromium is missing or did not answer in time."""
 
 
 def find_chromium() -> str | None:
@@ -56,34 +59,11 @@ def find_chromium() -> str | None:
     return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
 
 
-def install_chromium(timeout: float = INSTALL_TIMEOUT) -> float:
-    """Install Debian's `chromium` with apt-get; returns the seconds it took. Needs root."""
-    if shutil.which("apt-get") is None:
-        raise BrowserError("Chromium is not installed and apt-get is not available to install it")
-    if os.geteuid() != 0:
-        raise BrowserError(f"Chromium is not installed and installing it needs root: {INSTALL_COMMAND}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    started = time.monotonic()
-    try:
-        done = subprocess.run(
-            ["sh", "-c", INSTALL_COMMAND], env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BrowserError(f"`{INSTALL_COMMAND}` did not finish in {timeout:.0f}s") from exc
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise BrowserError(f"`{INSTALL_COMMAND}` failed ({done.returncode}): {' | '.join(tail)}")
-    return time.monotonic() - started
-
-
-def ensure_chromium() -> str:
-    """The Chromium binary, installed with apt-get first when missing."""
+def require_chromium() -> str:
+    """The Chromium binary; `BrowserError` naming the install step when there is none."""
     path = find_chromium()
     if path is None:
-        install_chromium()
-        path = find_chromium()
-    if path is None:
-        raise BrowserError(f"`{INSTALL_COMMAND}` succeeded but no chromium binary was found")
+        raise BrowserError(f"no Chromium on PATH ({', '.join(CANDIDATES)}): {INSTALL_HINT}")
     return path
 
 
@@ -203,7 +183,7 @@ def _record(page: Page, events: list[dict[str, Any]]) -> None:
 
 def open_page(url: str, *, timeout: float = 60.0, window: tuple[int, int] = (1200, 1600)) -> Page:
     """Open `url` in headless Chromium and return its DOM, console errors, requests and a screenshot."""
-    binary = ensure_chromium()
+    binary = require_chromium()
     with tempfile.TemporaryDirectory(prefix="triage-chromium-", ignore_cleanup_errors=True) as profile:
         process, to_browser, from_browser = _launch(binary, profile, window)
         pipe = _Pipe(process, to_browser, from_browser, time.monotonic() + timeout)

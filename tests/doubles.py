@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import dspy
@@ -54,10 +54,16 @@ class ScriptedEngine:
 
 
 class AsyncScriptedEngine:
-    def __init__(self, sync: ScriptedEngine) -> None:
+    """The async face of a `ScriptedEngine`; `pause(request)`, when given, is awaited before each answer,
+    so requests can overlap on the event loop as real network calls do."""
+
+    def __init__(self, sync: ScriptedEngine, pause: Callable[[Request], Awaitable[None]] | None = None) -> None:
         self.sync = sync
+        self.pause = pause
 
     async def complete(self, request: Request) -> Response:
+        if self.pause is not None:
+            await self.pause(request)
         return self.sync.complete(request)
 
     async def stream(self, request: Request):
@@ -68,9 +74,12 @@ class AsyncScriptedEngine:
         pass
 
 
-def scripted_lm(script: Callable[[Request], Answer]) -> tuple[dspy.LM, ScriptedEngine]:
+def scripted_lm(
+    script: Callable[[Request], Answer], pause: Callable[[Request], Awaitable[None]] | None = None
+) -> tuple[dspy.LM, ScriptedEngine]:
     engine = ScriptedEngine(script)
-    lm = dspy.LM("scripted/test", engine=engine, async_engine=AsyncScriptedEngine(engine), cache=False, num_retries=0)
+    async_engine = AsyncScriptedEngine(engine, pause)
+    lm = dspy.LM("scripted/test", engine=engine, async_engine=async_engine, cache=False, num_retries=0)
     return lm, engine
 
 

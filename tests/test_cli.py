@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -53,15 +55,36 @@ def test_bad_flag_is_an_error():
     assert result.returncode == 2 and "invalid int value" in result.stderr
 
 
+@pytest.fixture
+def ray_temp_dir():
+    """A Ray temporary folder of the test's own (short: Ray's unix socket paths must fit in 107 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="ray-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_run_with_key_only_in_dotenv_writes_dataset_and_leaks_no_secret(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--verbose"]], ids=["quiet", "verbose"])
+def test_run_with_key_only_in_dotenv_writes_dataset_and_leaks_no_secret(tmp_path, ray_temp_dir, flags):
     key = "sk-dotenv-only-5b8c1e9d"
-    transcripts = [f"caller {i} reports smoke on floor {i}" for i in range(8)]
+    transcripts = [f"caller {i} reports smoke on floor {i} {flags}" for i in range(8)]  # no cache hit across runs
     (tmp_path / "calls.jsonl").write_text("".join(json.dumps({"transcript": t}) + "\n" for t in transcripts))
     with FakeProvider(api_key=key, rate_429=0.1, retry_after=0.05) as provider:
         (tmp_path / ".env").write_text(f"TRIAGE_API_KEY={key}\nTRIAGE_API_BASE={provider.url}\n")
-        result = triage_cli("run", "--input", "calls.jsonl", "--output", "out", "--model", "openai/fake", cwd=tmp_path)
-        assert provider.stats()["outcomes"]["401"] == 0
+        result = triage_cli(
+            "run",
+            "--input",
+            "calls.jsonl",
+            "--output",
+            "out",
+            "--model",
+            "openai/fake",
+            *flags,
+            cwd=tmp_path,
+            env={"RAY_TMPDIR": str(ray_temp_dir)},
+        )
+        outcomes = provider.stats()["outcomes"]
+    assert outcomes["401"] == 0 and outcomes["ok"] == 2 * 8  # the key was sent, for both stages of every row
     assert result.returncode == 0, result.stderr
     assert (
         result.stdout.strip()
@@ -74,6 +97,13 @@ def test_run_with_key_only_in_dotenv_writes_dataset_and_leaks_no_secret(tmp_path
         assert row.priority == expected_answer(row.transcript)["priority"]
     for text in (result.stdout, result.stderr, frame.to_csv()):
         assert key not in text
-    session_logs = Path("/tmp/ray/session_latest/logs")
-    leaked = [p for p in session_logs.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
-    assert leaked == []
+    # Ray's own files: the run's session, found where the run was told to put it, with its logs in it.
+    sessions = list((ray_temp_dir / "ray").glob("session_2*"))
+    assert len(sessions) == 1, sessions
+    logs = sessions[0] / "logs"
+    assert (logs / "raylet.out").is_file() and list(logs.glob("python-core-driver-*.log"))
+    actor_logs = [p.read_text() for p in logs.glob("worker-*.out")]
+    assert any(":actor_name:MapWorker(MapBatches(TriageStage))" in text for text in actor_logs)
+    files = [p for p in ray_temp_dir.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    assert [p for p in files if key.encode() in p.read_bytes()] == []

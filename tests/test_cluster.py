@@ -1,4 +1,7 @@
-"""The same command on an existing Ray cluster: a head and a worker node started with `ray start`."""
+"""The same command on an existing Ray cluster: a head and a worker node started with `ray start`.
+
+The cluster lives in a temporary folder of its own and is stopped by the sessions its `ray start`
+commands ran in (`tests.processes`), never with `ray stop`, which stops every Ray on the machine."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +19,7 @@ import pytest
 
 from tests.doubles import triage_run_command
 from tests.fake_provider import FakeProvider, expected_answer
+from tests.processes import session_processes, stop_session
 
 pytestmark = pytest.mark.slow
 
@@ -31,39 +36,58 @@ def ray_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=180)
 
 
+def ray_start(*args: str, env: dict[str, str], sessions: list[int]) -> subprocess.CompletedProcess:
+    """`ray start` in a session of its own, whose id (its pid) goes to `sessions`: every daemon it leaves
+    running carries it, so teardown stops exactly these and no other Ray on the machine."""
+    process = subprocess.Popen(
+        [RAY, "start", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    sessions.append(process.pid)
+    stdout, stderr = process.communicate(timeout=180)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 @pytest.fixture
-def two_node_cluster(tmp_path_factory):
-    temp = tmp_path_factory.mktemp("ray-cluster")
+def two_node_cluster():
+    temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
     # Ray 2.60 clusters use token auth (~/.ray/auth_token); `ray start` on a worker must be told so.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_TMPDIR": temp}
     env.pop("RAY_ADDRESS", None)
     port = free_port()
-    head = ray_cli(
-        "start",
-        "--head",
-        f"--port={port}",
-        "--num-cpus=1",
-        "--include-dashboard=false",
-        f"--temp-dir={temp}",
-        "--node-ip-address=127.0.0.1",
-        env=env,
-    )
-    assert head.returncode == 0, head.stderr
-    address = f"127.0.0.1:{port}"
-    worker = ray_cli(
-        "start",
-        f"--address={address}",
-        "--num-cpus=1",
-        "--node-ip-address=127.0.0.1",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        env=env,
-    )
+    sessions: list[int] = []
     try:
+        head = ray_start(
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            "--node-ip-address=127.0.0.1",
+            env=env,
+            sessions=sessions,
+        )
+        assert head.returncode == 0, head.stderr
+        address = f"127.0.0.1:{port}"
+        worker = ray_start(
+            f"--address={address}",
+            "--num-cpus=1",
+            "--node-ip-address=127.0.0.1",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            env=env,
+            sessions=sessions,
+        )
         assert worker.returncode == 0, worker.stderr
+        assert all(session_processes(session) for session in sessions)  # each left its daemons running
         yield address, env
     finally:
-        ray_cli("stop", "--force", env=env)
+        for session in reversed(sessions):  # the worker node first, then the head
+            stop_session(session)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -22,7 +22,7 @@ def test_jsonl_keeps_given_ids_and_numbers_the_rest(tmp_path):
         json.dumps({"call_id": "A-1", "transcript": "fire"}) + "\n\n" + json.dumps({"transcript": "help"}) + "\n"
     )
     rows = rows_of(path)
-    assert [r["call_id"] for r in rows] == ["A-1", "calls.jsonl:2"]
+    assert [r["call_id"] for r in rows] == ["A-1", "calls.jsonl:3"]  # its line: the blank line 2 is counted
     assert [r["transcript"] for r in rows] == ["fire", "help"]
     assert rows_of(path) == rows  # a rerun gives the same ids
 
@@ -67,9 +67,80 @@ def test_csv_parquet_and_text(tmp_path):
     text_path.write_text("first call\n\nsecond call\n")
     assert [(r["call_id"], r["transcript"]) for r in rows_of(text_path)] == [
         ("c.txt:1", "first call"),
-        ("c.txt:2", "second call"),
+        ("c.txt:3", "second call"),
     ]
     assert scan_inputs([csv_path, parquet_path, text_path]).rows == 6
+
+
+def test_a_rows_id_and_its_error_message_cite_the_same_line(tmp_path):
+    jsonl = tmp_path / "calls.jsonl"
+    lines = [
+        b'{"transcript": "one"}',
+        b"",
+        b"{not json",
+        b"  ",
+        b'"text"',
+        b'{"transcript": "\xff"}',
+        b"",
+        b'{"call_id": "X"}',
+    ]
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    rows = rows_of(jsonl)
+    assert [(r["call_id"], r["input_error"]) for r in rows] == [
+        ("calls.jsonl:1", None),
+        ("calls.jsonl:3", "line 3: invalid JSON (Expecting property name enclosed in double quotes)"),
+        ("calls.jsonl:5", "line 5: expected a JSON object, got str"),
+        ("calls.jsonl:6", "line 6: not valid UTF-8"),
+        ("X", "missing transcript"),
+    ]
+    text = tmp_path / "calls.txt"
+    text.write_bytes(b"first\n\n\xff second\n")
+    assert [(r["call_id"], r["input_error"]) for r in rows_of(text)] == [
+        ("calls.txt:1", None),
+        ("calls.txt:3", "line 3: not valid UTF-8"),
+    ]
+    # A duplicated call_id is made unique with the same number.
+    other = tmp_path / "other.jsonl"
+    other.write_text('\n{"call_id": "X", "transcript": "again"}\n')
+    scan = scan_inputs([jsonl, other])
+    assert scan.call_ids == [
+        "calls.jsonl:1",
+        "calls.jsonl:3",
+        "calls.jsonl:5",
+        "calls.jsonl:6",
+        "X@calls.jsonl:8",
+        "X@other.jsonl:2",
+    ]
+    assert [r["call_id"] for f in (jsonl, other) for r in read_rows(f, scan.duplicates)] == scan.call_ids
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("calls.csv", 'call_id,transcript\r\n,smoke in the hall\r\nB-2,"dog, barking"\r\n'),  # as Excel writes it
+        ("calls.jsonl", '{"transcript": "smoke in the hall"}\n{"call_id": "B-2", "transcript": "dog, barking"}\n'),
+        ("calls.txt", "smoke in the hall\ndog, barking\n"),
+    ],
+    ids=["csv", "jsonl", "text"],
+)
+def test_a_byte_order_mark_reads_like_a_plain_file(tmp_path, name, content):
+    plain, marked = tmp_path / "plain" / name, tmp_path / "marked" / name
+    for path, encoding in ((plain, "utf-8"), (marked, "utf-8-sig")):
+        path.parent.mkdir()
+        path.write_bytes(content.encode(encoding))
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    check_input_file(marked)  # the header has its `transcript` column
+    rows = rows_of(marked)
+    assert rows == rows_of(plain)
+    assert rows[0] == {"call_id": f"{name}:1", "transcript": "smoke in the hall", "input_error": None}
+    assert scan_inputs([marked]).call_ids == scan_inputs([plain]).call_ids
+
+
+def test_a_byte_order_mark_does_not_hide_a_missing_transcript_field(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes('{"text": "hello"}\n'.encode("utf-8-sig"))
+    with pytest.raises(InputError, match="first record has no 'transcript' field"):
+        check_input_file(jsonl)
 
 
 def test_folder_and_glob(tmp_path):

@@ -1,11 +1,17 @@
-"""A run killed mid-way resumes without redoing finished rows; a dying worker costs only its rows."""
+"""A run killed mid-way resumes without redoing finished rows; a dying worker costs only its rows.
+
+Every run is started in a session of its own, and only that session's processes are ever
+signalled (`tests.processes`): never another Ray or a benchmark running beside the suite.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,21 +20,46 @@ import pytest
 
 from tests.doubles import triage_run_command
 from tests.fake_provider import FakeProvider, expected_answer, transcript_key
+from tests.processes import send, session_processes, signal_session, stop_session, wait_gone
+from triage.pipeline import TASKS_PER_ACTOR, plan_pools, rows_per_block
+from triage.settings import Settings
 from triage.sink import completed_ids
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+CONCURRENCY = 4  # two requests in flight per stage: one actor each
 
 
-def start_run(folder: Path, provider: FakeProvider, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIAGE_", "RAY_ADDRESS"))}
-    env.update(TRIAGE_COMMIT_SECONDS="0.5", TRIAGE_CACHE="false")
-    command = triage_run_command(provider.url, "--concurrency", "4", *extra)
-    # A session of its own, so the whole process group (driver and the Ray it started) can be killed.
-    return subprocess.Popen(
-        command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+@pytest.fixture
+def start_run():
+    """Starts `triage run` in a session of its own, with Ray's files in a folder of its own; stops what is left."""
+    started: list[subprocess.Popen] = []
+    ray_temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
+
+    def start(folder: Path, provider: FakeProvider, *extra: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIAGE_", "RAY_ADDRESS"))}
+        env.update(TRIAGE_COMMIT_SECONDS="0.5", TRIAGE_CACHE="false", RAY_TMPDIR=ray_temp)
+        command = triage_run_command(provider.url, "--concurrency", str(CONCURRENCY), *extra)
+        process = subprocess.Popen(
+            command,
+            cwd=folder,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        stop_session(process.pid)
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+    shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -48,14 +79,14 @@ def write_calls(folder: Path, count: int) -> list[str]:
     return transcripts
 
 
-@pytest.mark.parametrize("kill_group", [False, True], ids=["driver-killed", "machine-crash"])
-def test_sigkill_mid_run_then_rerun_finishes_without_redoing_rows(tmp_path, kill_group):
+@pytest.mark.parametrize("kill_session", [False, True], ids=["driver-killed", "machine-crash"])
+def test_sigkill_mid_run_then_rerun_finishes_without_redoing_rows(tmp_path, start_run, kill_session):
     transcripts = write_calls(tmp_path, 120)
     with FakeProvider(latency=0.1) as provider:
         first = start_run(tmp_path, provider)
         wait_for(lambda: len(completed_ids(tmp_path / "out")) >= 20, 180, "some committed rows")
-        if kill_group:
-            os.killpg(first.pid, signal.SIGKILL)
+        if kill_session:  # the driver and every process of its Ray at once, as a power cut would
+            assert len(signal_session(first.pid, signal.SIGKILL)) > 3
         else:
             first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
@@ -77,44 +108,43 @@ def test_sigkill_mid_run_then_rerun_finishes_without_redoing_rows(tmp_path, kill
     by_id = {f"r{i:03d}": t for i, t in enumerate(transcripts)}
     # The second run sent exactly the rows the first had not committed, nothing already done.
     assert asked_again == {transcript_key(by_id[i]) for i in set(by_id) - done_before}
-    if kill_group:
-        os.killpg(second.pid, signal.SIGKILL) if _group_alive(second.pid) else None
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def stage_workers(session: int, stage: str) -> list[int]:
+    """The pids of a stage's Ray actors among the processes of one run's session."""
+    marker = f"MapWorker(MapBatches({stage}))".encode()
+    return [pid for pid, cmdline in session_processes(session).items() if marker in cmdline]
 
 
-def _stage_worker_pids(stage: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if stage.encode() in cmdline and b"MapWorker" in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
-def test_a_worker_that_dies_mid_run_costs_only_its_rows(tmp_path):
-    write_calls(tmp_path, 80)
+def test_a_worker_that_dies_mid_run_costs_only_its_rows(tmp_path, start_run):
+    transcripts = write_calls(tmp_path, 80)
     with FakeProvider(latency=0.1) as provider:
         run = start_run(tmp_path, provider)
         wait_for(
-            lambda: provider.stats()["requests"] >= 20 and _stage_worker_pids("TriageStage"),
+            lambda: provider.stats()["requests"] >= 20 and stage_workers(run.pid, "TriageStage"),
             180,
             "the triage stage at work",
         )
-        for pid in _stage_worker_pids("TriageStage"):
-            os.kill(pid, signal.SIGKILL)
+        victims = stage_workers(run.pid, "TriageStage")
+        at_kill = provider.stats()
+        for pid in victims:
+            send(pid, run.pid, signal.SIGKILL)
+        assert wait_gone(victims, 30), "the triage worker survived SIGKILL"
         stdout, stderr = run.communicate(timeout=300)
+        asked = provider.stats()["per_transcript"]
+    assert len(victims) == 1  # --concurrency 4: one triage actor
     assert run.returncode == 0, stderr
     assert "80 rows out, 0 with errors" in stdout
     frame = pd.read_parquet(tmp_path / "out")
     assert sorted(frame["call_id"]) == [f"r{i:03d}" for i in range(80)]
+    assert frame["errors"].isna().all()
+    # A row costs two requests, one per stage. The rows of the dead worker's unfinished tasks, and only
+    # those, were triaged again: one more request each, only rows under way when it died, and no more
+    # of them than the actor holds (tasks at once x rows per task).
+    assert set(asked) == {transcript_key(t) for t in transcripts} and min(asked.values()) == 2
+    redone = {key for key, count in asked.items() if count > 2}
+    plan = plan_pools(Settings(model="openai/fake", concurrency=CONCURRENCY), cpus=2)
+    assert redone, "the kill cost nothing: no row was asked again"
+    assert max(asked.values()) == 3
+    assert redone <= set(at_kill["per_transcript"])
+    assert len(redone) <= TASKS_PER_ACTOR * rows_per_block(plan) < len(transcripts)

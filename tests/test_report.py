@@ -353,9 +353,9 @@ def test_summary_line(tmp_path):
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's chromium, installed once per session when missing; skipped only where it cannot be."""
+    """Debian's chromium, installed by `make setup`; without it the browser test is skipped, saying so."""
     try:
-        return browser.ensure_chromium()
+        return browser.require_chromium()
     except browser.BrowserError as exc:
         pytest.skip(f"no headless Chromium: {exc}")
 

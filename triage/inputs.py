@@ -9,10 +9,19 @@ an `InputError` raised before any work starts.
 Rows without a `call_id` get `<file name>:<row number>` (1-based), so a rerun over the
 same files gives the same ids. A `call_id` given to more than one row is made unique on every
 such row as `<call_id>@<file name>:<row number>` (`scan_inputs` finds them first).
+
+One numbering names a row everywhere, in its id and in its error message:
+- JSONL and text: the row's line in the file. Blank lines are not rows, but they are counted,
+  so `calls.jsonl:12` and `line 12: invalid JSON` both name line 12, whatever precedes it.
+- CSV: the record's position after the header (a quoted field may span several lines).
+- Parquet: the row's position in the file.
+
+A UTF-8 byte-order mark at the start of a file (as Excel writes CSV) is not part of the data.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import io
@@ -38,6 +47,8 @@ TRANSCRIPT = "transcript"
 CALL_ID = "call_id"
 
 Record = dict[str, Any]
+# What a format's reader yields per row: its number (see above), the raw fields, or why it has none.
+Numbered = tuple[int, dict[str, Any] | None, str | None]
 
 
 def resolve_input_files(spec: str) -> list[Path]:
@@ -109,7 +120,15 @@ def _check_first_json_record(path: Path) -> None:
 
 def _open_text(path: Path) -> io.TextIOWrapper:
     # Invalid UTF-8 is replaced, not fatal: the affected row is flagged by read_rows.
-    return open(path, encoding="utf-8", errors="replace", newline="")
+    # "utf-8-sig" drops a byte-order mark at the start of the file, and only there.
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+
+
+def _binary_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The lines of a file with their 1-based numbers, a byte-order mark at the start removed."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            yield number, line.removeprefix(codecs.BOM_UTF8) if number == 1 else line
 
 
 def read_rows(path: Path, duplicates: frozenset[str] | set[str] = frozenset()) -> Iterator[Record]:
@@ -117,10 +136,14 @@ def read_rows(path: Path, duplicates: frozenset[str] | set[str] = frozenset()) -
 
     `duplicates` are call_ids that appear more than once in the whole input.
     """
-    fmt = _format_of(path)
-    reader = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows, "text": _text_rows}[fmt]
-    for number, (raw, problem) in enumerate(reader(path), start=1):
-        yield _record(path, number, raw, problem, duplicates)
+    for _, record in _numbered_records(path, duplicates):
+        yield record
+
+
+def _numbered_records(path: Path, duplicates: frozenset[str] | set[str]) -> Iterator[tuple[int, Record]]:
+    reader = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows, "text": _text_rows}[_format_of(path)]
+    for number, raw, problem in reader(path):
+        yield number, _record(path, number, raw, problem, duplicates)
 
 
 @dataclass(frozen=True)
@@ -137,7 +160,7 @@ def scan_inputs(files: list[Path], limit: int | None = None) -> InputScan:
     duplicates: set[str] = set()
     located: list[tuple[str, str, int]] = []
     for file in files:
-        for number, record in enumerate(read_rows(file), start=1):
+        for number, record in _numbered_records(file, frozenset()):
             call_id = record[CALL_ID]
             (duplicates if call_id in seen else seen).add(call_id)
             if limit is None or len(located) < limit:
@@ -178,48 +201,48 @@ def transcript_problem(transcript: Any) -> str | None:
     return None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield None, f"line {number}: not valid UTF-8"
-                continue
-            except json.JSONDecodeError as exc:
-                yield None, f"line {number}: invalid JSON ({exc.msg})"
-                continue
-            if not isinstance(value, dict):
-                yield None, f"line {number}: expected a JSON object, got {type(value).__name__}"
-                continue
-            yield value, None
+def _jsonl_rows(path: Path) -> Iterator[Numbered]:
+    for number, line in _binary_lines(path):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield number, None, f"line {number}: not valid UTF-8"
+            continue
+        except json.JSONDecodeError as exc:
+            yield number, None, f"line {number}: invalid JSON ({exc.msg})"
+            continue
+        if not isinstance(value, dict):
+            yield number, None, f"line {number}: expected a JSON object, got {type(value).__name__}"
+            continue
+        yield number, value, None
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+def _csv_rows(path: Path) -> Iterator[Numbered]:
     with _open_text(path) as handle:
         reader = csv.DictReader(handle)
         reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
-        for row in reader:
-            yield row, ("not valid UTF-8" if "\ufffd" in (row.get(TRANSCRIPT) or "") else None)
+        for number, row in enumerate(reader, start=1):
+            yield number, row, ("not valid UTF-8" if "\ufffd" in (row.get(TRANSCRIPT) or "") else None)
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+def _parquet_rows(path: Path) -> Iterator[Numbered]:
     parquet = pq.ParquetFile(path)
     columns = [c for c in (CALL_ID, TRANSCRIPT) if c in parquet.schema_arrow.names]
+    number = 0
     for batch in parquet.iter_batches(batch_size=4096, columns=columns):
         for row in batch.to_pylist():
-            yield row, None
+            number += 1
+            yield number, row, None
 
 
-def _text_rows(path: Path) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            text = line.rstrip(b"\r\n")
-            if not text.strip():
-                continue
-            try:
-                yield {TRANSCRIPT: text.decode("utf-8")}, None
-            except UnicodeDecodeError:
-                yield None, f"line {number}: not valid UTF-8"
+def _text_rows(path: Path) -> Iterator[Numbered]:
+    for number, line in _binary_lines(path):
+        text = line.rstrip(b"\r\n")
+        if not text.strip():
+            continue
+        try:
+            yield number, {TRANSCRIPT: text.decode("utf-8")}, None
+        except UnicodeDecodeError:
+            yield number, None, f"line {number}: not valid UTF-8"
