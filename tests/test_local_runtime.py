@@ -269,3 +269,25 @@ def test_a_transcript_with_special_tokens_gets_a_whole_answer(runtime: LlamaRunt
     assert control_tokens(runtime, prompt) == ["<|im_start|>", "<|im_end|>"] * 2 + ["<|im_start|>"]
     assert prediction.priority in PRIORITIES and prediction.category in CATEGORIES
     assert isinstance(prediction.summary, str) and isinstance(prediction.reasoning, str)
+
+
+@pytest.mark.slow
+def test_a_prompt_prefix_is_snapshotted_only_once_it_repeats(runtime: LlamaRuntime) -> None:
+    """Snapshots pay off for fixed demos; with per-call demos no prefix repeats, and none is taken."""
+    runtime._snapshots.clear()
+    runtime._prefixes_seen.clear()
+
+    def ask(system: str, user: str) -> Generation:
+        return runtime.generate([{"role": "system", "content": system}, {"role": "user", "content": user}], None, 2)
+
+    for n in range(3):  # a different prefix each call: no snapshot
+        ask(f"Demo number {n}: a call about a cat in a tree.", "Caller: smoke in the kitchen.")
+    assert len(runtime._snapshots) == 0
+    ask("Fixed instructions.", "Caller: smoke in the kitchen.")
+    assert len(runtime._snapshots) == 0  # seen once
+    ask("Demo number 0: a call about a cat in a tree.", "Caller: my dad fell.")  # clears the KV cache
+    assert len(runtime._snapshots) == 1  # seen before: snapshotted
+    again = ask("Fixed instructions.", "Caller: a dog is loose.")
+    assert len(runtime._snapshots) == 2
+    restored = ask("Demo number 0: a call about a cat in a tree.", "Caller: my mum fell.")
+    assert restored.evaluated_prompt_tokens < again.prompt_tokens  # the prefix came from its snapshot

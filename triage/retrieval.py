@@ -33,16 +33,10 @@ class SimilarCalls:
         self._vectorizer = _vectorizer()
         self._matrix = self._vectorizer.fit_transform(transcripts)
 
-    def most_similar(self, transcript: str, k: int, *, allowed: Sequence[int] | None = None) -> list[tuple[int, float]]:
-        """(index, cosine similarity) of the k most similar transcripts, most similar first.
-
-        `allowed` limits the candidates (e.g. to short demos); ties keep index order.
-        """
+    def most_similar(self, transcript: str, k: int) -> list[tuple[int, float]]:
+        """(index, cosine similarity) of the k most similar transcripts, most similar first (ties: index order)."""
         similarities = (self._matrix @ self._vectorizer.transform([transcript]).T).toarray().ravel()
-        candidates = np.arange(len(similarities)) if allowed is None else np.asarray(allowed, dtype=int)
-        if k <= 0 or candidates.size == 0:
-            return []
-        order = candidates[np.argsort(-similarities[candidates], kind="stable")][:k]
+        order = np.argsort(-similarities, kind="stable")[: max(k, 0)]
         return [(int(i), float(similarities[i])) for i in order]
 
 
