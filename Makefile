@@ -44,11 +44,11 @@ report: setup
 bench: setup
 	$(PY) scripts/bench.py $(ARGS)
 
-# Compile both programs on data/train.jsonl into optimized/, with a before/after report on the first
-# OPTIMIZE_EVAL calls of data/dev.jsonl (the whole split takes the embedded model ~25 min; ARGS win).
-OPTIMIZE_EVAL ?= 30
+# Compile both programs on data/train.jsonl into optimized/: nearest-call demos, k chosen on data/dev.jsonl,
+# with a before/after report (OPTIMIZE_EVAL=N: only the first N dev calls; ARGS win).
+OPTIMIZE_EVAL ?=
 optimize: setup
-	$(PY) -m triage optimize --max-eval $(OPTIMIZE_EVAL) $(ARGS)
+	$(PY) -m triage optimize $(if $(OPTIMIZE_EVAL),--max-eval $(OPTIMIZE_EVAL)) $(ARGS)
 
 # Score the programs in optimized/ on a labeled file (EVAL_INPUT), with any model (ARGS="--model ...").
 EVAL_INPUT ?= data/test.jsonl

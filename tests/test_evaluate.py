@@ -142,6 +142,7 @@ def test_the_report_is_written_as_markdown_and_json(provider, labeled_file, tmp_
         "triage": None,
         "details": None,
         "review": None,
+        "second_opinion": None,  # default prompts: no labelled pool, no second opinion
     }
     # The fake provider's locations ("NNNN Fake Street #crc") are in no transcript: a-d are flagged.
     location = data["calls"][0]["details"]["location"]

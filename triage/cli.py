@@ -172,10 +172,10 @@ def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict
     optimize.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N calls only")
     optimize.add_argument("--demos", type=int, default=6, help="labeled and searching optimizers: demos [%(default)s]")
     optimize.add_argument(
-        "--k", type=int, nargs="+", default=[2, 3], help="nearest: demos per call to try on the eval split [2 3]"
+        "--k", type=int, nargs="+", default=[1, 2], help="nearest: demos per call to try on the eval split [1 2]"
     )
     optimize.add_argument(
-        "--max-demo-chars", type=int, default=400, help="nearest: longest demo transcript shown [%(default)s]"
+        "--max-demo-chars", type=int, default=300, help="nearest: demo transcripts are cut to this [%(default)s]"
     )
     optimize.add_argument(
         "--reflection-model", default=None, help="GEPA's reflection / MIPROv2's prompt model [TRIAGE_REFLECTION_MODEL]"

@@ -154,6 +154,7 @@ class ModuleRun:
     program: str
     predictions: list[dict[str, str] | None]
     reviews: list[list[str]] = field(default_factory=list)  # per call: reasons to doubt the answer
+    opinions: list[dict[str, float]] = field(default_factory=list)  # per call: the second opinion, if any
     failures: list[tuple[str, str]] = field(default_factory=list)  # (call_id, error)
     usage: Usage = field(default_factory=Usage)
     seconds: float = 0.0
@@ -178,7 +179,10 @@ def run_module(
     stage = stage_class(config, lm_setup=setup)
     secrets = [settings.api_key.reveal()] if settings.api_key else []
     run = ModuleRun(
-        program=program.label, predictions=[None] * len(examples), reviews=[[] for _ in range(len(examples))]
+        program=program.label,
+        predictions=[None] * len(examples),
+        reviews=[[] for _ in range(len(examples))],
+        opinions=[{} for _ in range(len(examples))],
     )
     step = max(5, -(-len(examples) // 10))
     done = 0
@@ -190,6 +194,8 @@ def run_module(
             answer = await stage.answer(example.transcript)
             run.predictions[index] = answer.values
             run.reviews[index] = stage.review(example.transcript, answer)
+            if getattr(stage, "second_opinion", None) is not None:
+                run.opinions[index] = stage.second_opinion.probabilities(example.transcript)
         except Exception as exc:  # a failed call is scored as wrong; the run goes on
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             run.failures.append((example.call_id, redact(f"{type(exc).__name__}: {text}", secrets)[:300]))
@@ -430,6 +436,7 @@ def evaluate_programs(
                 "gold": {name: example[name] for name in LABEL_FIELDS if name != "transcript"},
                 **{name: run.predictions[i] for name, run in runs.items()},
                 "review": reviews[i],
+                "second_opinion": runs["triage"].opinions[i] or None,
             }
             for i, example in enumerate(examples)
         ],

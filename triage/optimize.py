@@ -106,8 +106,8 @@ class OptimizeOptions:
     max_train: int | None = None
     max_eval: int | None = None
     demos: int = 6
-    k_candidates: tuple[int, ...] = (2, 3)  # nearest: demos per call, chosen on the eval split by the metric
-    max_demo_chars: int | None = 400  # nearest: longest demo transcript shown (prompt length is the cost)
+    k_candidates: tuple[int, ...] = (1, 2)  # nearest: demos per call, chosen on the eval split by the metric
+    max_demo_chars: int | None = 300  # nearest: demo transcripts are cut to this (prompt length is the cost)
     reflection_model: str | None = None
     seed: int = 0
 
