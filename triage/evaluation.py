@@ -27,7 +27,7 @@ from dspy.utils.callback import BaseCallback
 from dspy.utils.usage_tracker import track_usage
 
 from triage.baselines import score_baselines
-from triage.errors import InputError, TriageError, redact
+from triage.errors import InputError, TriageError, first_line, redact
 from triage.lm import LMSetup, build_lm
 from triage.local import is_local_model
 from triage.metrics import FAILED, INVALID, ReviewScores, Scores, percent, score_calls, score_review
@@ -197,8 +197,8 @@ def run_module(
             if getattr(stage, "second_opinion", None) is not None:
                 run.opinions[index] = stage.second_opinion.probabilities(example.transcript)
         except Exception as exc:  # a failed call is scored as wrong; the run goes on
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            run.failures.append((example.call_id, redact(f"{type(exc).__name__}: {text}", secrets)[:300]))
+            text = f"{type(exc).__name__}: {first_line(exc)}"
+            run.failures.append((example.call_id, redact(text, secrets)[:300]))
         done += 1
         if done % step == 0 or done == len(examples):
             logger.info("  %s: %d/%d calls, %d failed", name, done, len(examples), len(run.failures))

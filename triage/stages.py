@@ -37,7 +37,7 @@ from dspy.utils.usage_tracker import track_usage
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from triage.errors import redact
+from triage.errors import first_line, redact
 from triage.lm import LMSetup, build_lm
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
@@ -206,7 +206,7 @@ class Stage:
             try:
                 prediction = await self._request(transcript, self.setup.adapter(feedback))
             except AdapterParseError as exc:
-                problems = [f"the answer could not be parsed ({_first_line(exc)})"]
+                problems = [f"the answer could not be parsed ({first_line(exc)})"]
             else:
                 values = {name: prediction.get(name) for name in self.signature.output_fields}
                 problems = validation_problems(values, self.signature, self.may_be_empty)
@@ -274,7 +274,7 @@ class Stage:
         ).strip()
 
     def _describe(self, exc: Exception) -> str:
-        text = redact(f"{type(exc).__name__}: {_first_line(exc)}", self._secrets)
+        text = redact(f"{type(exc).__name__}: {first_line(exc)}", self._secrets)
         return f"{self.name}: {text}"[:MAX_ERROR_CHARS]
 
     def _merge(self, batch: pa.Table, outcomes: list[RowOutcome]) -> pa.Table:
@@ -308,11 +308,6 @@ def _tokens_so_far() -> int:
         int(c.get("prompt_tokens") or 0) + int(c.get("completion_tokens") or 0)
         for c in tracker.get_total_tokens().values()
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _join_errors(old: str | None, new: str | None) -> str | None:
