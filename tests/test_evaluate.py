@@ -111,7 +111,7 @@ def test_evaluate_scores_match_the_hand_computed_ones(provider, labeled_file, tm
     assert [f["call_id"] for f in report.failures] == ["e", "e"]
     assert "no valid answer after 2 attempts" in report.failures[0]["error"]
     # Four answers per module plus two tries at the malformed one; every token the provider billed.
-    assert (report.usage["triage"].calls, report.usage["details"].calls) == (6, 6)
+    assert (report.usage["triage"].calls, report.usage["extract_details"].calls) == (6, 6)
     stats = provider.stats()
     assert stats["requests"] == 12
     assert report.total_usage.prompt_tokens == stats["prompt_tokens"] > 0
@@ -129,8 +129,8 @@ def test_the_report_is_written_as_markdown_and_json(provider, labeled_file, tmp_
     assert "| priority accuracy | 20.0% |" in markdown
     assert "| urgent recall | 33.3% (1/3) |" in markdown
     assert "| under-triage (predicted less urgent than gold) | 2 |" in markdown
-    assert "| failed predictions (triage / details) | 1 / 1 |" in markdown
-    assert "| LM calls (triage / details) | 6 / 6 |" in markdown
+    assert "| failed predictions (triage / extract_details) | 1 / 1 |" in markdown
+    assert "| LM calls (triage / extract_details) | 6 / 6 |" in markdown
     assert "| urgent | 1 | 1 | 0 | 1 |" in markdown  # priority confusion row, with the (failed) column
     assert "- e (triage): InvalidAnswer: no valid answer after 2 attempts" in markdown
     data = json.loads(json_path.read_text())
@@ -140,12 +140,12 @@ def test_the_report_is_written_as_markdown_and_json(provider, labeled_file, tmp_
         "call_id": "e",
         "gold": {"priority": "urgent", "category": "medical", "location": "", "subject_description": ""},
         "triage": None,
-        "details": None,
+        "extract_details": None,
         "review": None,
         "second_opinion": None,  # default prompts: no labelled pool, no second opinion
     }
     # The fake provider's locations ("NNNN Fake Street #crc") are in no transcript: a-d are flagged.
-    location = data["calls"][0]["details"]["location"]
+    location = data["calls"][0]["extract_details"]["location"]
     assert data["calls"][0]["review"].startswith(f"location not in the transcript: {location!r}")
     assert data["review"] | {"rate": None} == {
         "n": 5,
@@ -184,7 +184,7 @@ def test_evaluate_uses_the_optimized_programs_in_the_folder(provider, labeled_fi
     program.save(str(tmp_path / "triager.json"))
     report = evaluate(fake_settings(provider), labeled_file, tmp_path)
     assert report.programs["triage"].startswith(f"{tmp_path / 'triager.json'} (sha256 ")
-    assert report.programs["details"].startswith("default prompts")
+    assert report.programs["extract_details"].startswith("default prompts")
     assert report.scores.priority_accuracy == pytest.approx(1 / 5)  # the fake answers the same with demos
 
 

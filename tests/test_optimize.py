@@ -93,7 +93,7 @@ def test_labeled_optimize_writes_both_programs_and_the_report(provider, tmp_path
     assert f"- Train: `{TRAIN}` (first 40 calls)" in markdown
     assert f"- Evaluated on: `{DEV}` (4 calls, the first 4 of the file)" in markdown
     assert "| metric | unoptimized | optimized |" in markdown
-    assert "| LM calls (triage / details) | 4 / 4 | 4 / 4 |" in markdown
+    assert "| LM calls (triage / extract_details) | 4 / 4 | 4 / 4 |" in markdown
     assert "| triage | 0 | 0 | 0 |" in markdown  # LabeledFewShot makes no LM call
     assert "## Priority confusion (optimized)" in markdown
     data = json.loads((out / "report.json").read_text())
@@ -153,7 +153,7 @@ def test_a_failure_while_compiling_leaves_the_old_programs(provider, tmp_path, m
     real_compile = triage.optimize.compile_target
 
     def compile_then_fail(target, *args, **kwargs):
-        if target.name == "details":
+        if target.name == "extract_details":
             raise RuntimeError("the optimizer crashed")
         return real_compile(target, *args, **kwargs)
 

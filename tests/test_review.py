@@ -107,7 +107,8 @@ def test_a_validation_retry_is_a_reason_to_review():
 def test_details_stage_flags_a_location_that_is_not_in_the_transcript():
     def script(request):
         copied = "on fire" in transcript_of(request)
-        return fields_for("details", location="the factory on Canal Street" if copied else "", subject_description="")
+        location = "the factory on Canal Street" if copied else ""
+        return fields_for("extract_details", location=location, subject_description="")
 
     stage, _ = stage_with(ExtractDetailsStage, script)
     rows = asyncio.run(stage(batch([FIRE, QUESTION]))).to_pylist()

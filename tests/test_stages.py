@@ -95,7 +95,7 @@ def test_empty_required_field_is_invalid_but_empty_location_is_fine():
     rows = run_stage(stage, make_batch(["hello"]))
     assert rows[0]["summary"] is None and "`summary` is empty" in rows[0]["errors"]
 
-    details, _ = make_stage(ExtractDetailsStage, lambda r: fields_for("details", location=""))
+    details, _ = make_stage(ExtractDetailsStage, lambda r: fields_for("extract_details", location=""))
     rows = run_stage(details, make_batch(["hello"]))
     assert rows[0]["location"] == "" and rows[0]["subject_description"] == "a man" and rows[0]["errors"] is None
 

@@ -39,7 +39,7 @@ from triage.stages import ExtractDetailsStage, ProgramSource, Stage, StageConfig
 logger = logging.getLogger("triage")
 
 LABEL_FIELDS = ("transcript", "priority", "category", "location", "subject_description")
-MODULES: dict[str, type[Stage]] = {"triage": TriageStage, "details": ExtractDetailsStage}
+MODULES: dict[str, type[Stage]] = {stage.name: stage for stage in (TriageStage, ExtractDetailsStage)}
 MAX_LISTED_FAILURES = 10
 
 
@@ -276,7 +276,7 @@ class EvaluationReport:
             f"- Data: `{self.data_file}` ({self.n} calls)",
             f"- Model: `{self.model}`",
             f"- Triage program: {self.programs['triage']}",
-            f"- Details program: {self.programs['details']}",
+            f"- Details program: {self.programs['extract_details']}",
             f"- Run: {self.created_at}, {self.seconds:.0f} s",
         ]
 
@@ -298,8 +298,8 @@ def metric_rows(report: EvaluationReport) -> list[tuple[str, str]]:
         ("wrong priorities flagged", f"{r.wrong_priority_flagged}/{r.wrong_priority}"),
         ("under-triaged calls flagged", f"{r.under_triaged_flagged}/{r.under_triaged}"),
         ("locations not in the transcript (flagged)", f"{r.ungrounded_locations} ({r.ungrounded_locations_flagged})"),
-        ("failed predictions (triage / details)", f"{s.triage_failed} / {s.details_failed}"),
-        ("LM calls (triage / details)", f"{usage['triage'].calls} / {usage['details'].calls}"),
+        ("failed predictions (triage / extract_details)", f"{s.triage_failed} / {s.details_failed}"),
+        ("LM calls (triage / extract_details)", f"{usage['triage'].calls} / {usage['extract_details'].calls}"),
         ("tokens, prompt + completion", f"{report.total_usage.prompt_tokens} + {report.total_usage.completion_tokens}"),
         ("seconds", f"{report.seconds:.0f}"),
     ]
@@ -397,7 +397,7 @@ def evaluate_programs(
     title: Callable[[str], str] = str,
     baseline_pool: Sequence[dict[str, Any]] | None = None,
 ) -> EvaluationReport:
-    """Run `programs` ({"triage": ..., "details": ...}) over `examples` and score them.
+    """Run `programs` ({"triage": ..., "extract_details": ...}, keyed like MODULES) over `examples` and score them.
 
     The baselines use `baseline_pool` (labelled calls), by default the triage program's nearest-demo pool.
     """
@@ -407,11 +407,10 @@ def evaluate_programs(
         name: run_module(stage_class, settings, setup, programs[name], examples, title=title(name))
         for name, stage_class in MODULES.items()
     }
-    scores = score_calls(examples, runs["triage"].predictions, runs["details"].predictions)
-    reviews = [join_reasons(t, d) for t, d in zip(runs["triage"].reviews, runs["details"].reviews, strict=True)]
-    review = score_review(
-        examples, [e.transcript for e in examples], runs["triage"].predictions, runs["details"].predictions, reviews
-    )
+    triaged, details = runs["triage"], runs["extract_details"]
+    scores = score_calls(examples, triaged.predictions, details.predictions)
+    reviews = [join_reasons(t, d) for t, d in zip(triaged.reviews, details.reviews, strict=True)]
+    review = score_review(examples, [e.transcript for e in examples], triaged.predictions, details.predictions, reviews)
     if baseline_pool is None:
         baseline_pool = ((programs["triage"].state or {}).get(NEAREST_DEMOS_KEY) or {}).get("pool", [])
     failures = [
@@ -436,7 +435,7 @@ def evaluate_programs(
                 "gold": {name: example[name] for name in LABEL_FIELDS if name != "transcript"},
                 **{name: run.predictions[i] for name, run in runs.items()},
                 "review": reviews[i],
-                "second_opinion": runs["triage"].opinions[i] or None,
+                "second_opinion": triaged.opinions[i] or None,
             }
             for i, example in enumerate(examples)
         ],

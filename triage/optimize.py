@@ -163,7 +163,6 @@ def reflection_settings(settings: Settings, model: str) -> Settings:
 class Target:
     """One program to compile: its module, stage, metrics and how its labeled demos are written."""
 
-    name: str
     module_class: type[dspy.Module]
     stage: type[Stage]
     metric: Callable[..., float]
@@ -172,10 +171,14 @@ class Target:
     features: Callable[[dspy.Example], set[Hashable]]
     last: Callable[[dspy.Example], bool] | None = None  # which kind of labeled demo goes last
 
+    @property
+    def name(self) -> str:
+        """The stage's name, the key of this program in reports and manifests."""
+        return self.stage.name
+
 
 TARGETS = (
     Target(
-        "triage",
         CallTriager,
         TriageStage,
         triage_metric,
@@ -185,7 +188,6 @@ TARGETS = (
         last=is_urgent,  # if the model leans toward the last demo, let it lean toward urgent
     ),
     Target(
-        "details",
         DetailExtractor,
         ExtractDetailsStage,
         details_metric,
