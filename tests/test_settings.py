@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from triage.errors import ConfigError
-from triage.settings import DEFAULT_MODEL, Secret, Settings, resolve_settings
+from triage.settings import DEFAULT_MODEL, Secret, Settings, provider_of, resolve_settings
 
 
 def test_precedence_flag_over_environment_over_dotenv_over_default(tmp_path):
@@ -29,6 +29,13 @@ def test_provider_key_is_used_when_no_triage_key(tmp_path):
     assert explicit.api_key.reveal() == "k-explicit"
     anthropic = resolve_settings({"model": "anthropic/claude-sonnet-4-6"}, environ={}, dotenv_path=dotenv)
     assert anthropic.api_key is None
+
+
+def test_the_provider_is_the_model_strings_prefix():
+    assert provider_of("anthropic/claude-sonnet-4-6") == "anthropic"
+    assert provider_of("openai/org/model") == "openai"
+    assert provider_of("gpt-4.1-mini") == "openai"  # DSPy's default provider
+    assert Settings(model=DEFAULT_MODEL).provider == "local"
 
 
 def test_secret_never_shows():

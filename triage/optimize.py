@@ -73,7 +73,7 @@ from triage.lm import LMSetup, build_lm
 from triage.metrics import details_feedback, details_metric, percent, triage_feedback, triage_metric
 from triage.optimize_report import OptimizeResult
 from triage.programs import CallTriager, DetailExtractor
-from triage.settings import Settings, resolve_settings
+from triage.settings import Settings, provider_of, resolve_settings
 from triage.stages import ExtractDetailsStage, ProgramSource, Stage, TriageStage
 
 logger = logging.getLogger("triage")
@@ -146,7 +146,7 @@ def resolve_reflection_model(
 def reflection_settings(settings: Settings, model: str) -> Settings:
     """Settings for the reflection model: the task model's endpoint and key when the provider is the
     same, else that provider's own key from the environment or .env."""
-    same_provider = (model.split("/", 1)[0] if "/" in model else "openai") == settings.provider
+    same_provider = provider_of(model) == settings.provider
     flags: dict[str, Any] = {f.name: getattr(settings, f.name) for f in fields(settings)}
     flags.update(
         model=model,

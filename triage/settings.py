@@ -22,6 +22,11 @@ DEFAULT_MODEL = "local/smollm2-135m"
 PROVIDER_KEY_VARIABLES = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
+def provider_of(model: str) -> str:
+    """The provider of a DSPy model string: the part before the first "/" (`openai` when there is none)."""
+    return model.split("/", 1)[0] if "/" in model else "openai"
+
+
 class Secret:
     """A string that never shows itself in a repr, a log line or an f-string."""
 
@@ -90,7 +95,7 @@ class Settings:
 
     @property
     def provider(self) -> str:
-        return self.model.split("/", 1)[0] if "/" in self.model else "openai"
+        return provider_of(self.model)
 
 
 def setting_help() -> list[tuple[str, str, str, Any]]:
