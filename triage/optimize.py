@@ -35,7 +35,6 @@ urgent last: 52% / 60%, no urgent call missed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -74,7 +73,7 @@ from triage.metrics import details_feedback, details_metric, percent, triage_fee
 from triage.optimize_report import OptimizeResult
 from triage.programs import CallTriager, DetailExtractor
 from triage.settings import Settings, provider_of, resolve_settings
-from triage.stages import ExtractDetailsStage, ProgramSource, Stage, TriageStage
+from triage.stages import ExtractDetailsStage, ProgramSource, Stage, TriageStage, program_label
 
 logger = logging.getLogger("triage")
 
@@ -296,11 +295,6 @@ def program_json(program: dspy.Module, provenance: dict[str, Any]) -> str:
     return json.dumps(state, indent=2, ensure_ascii=False) + "\n"
 
 
-def _label(path: Path, text: str) -> str:
-    """The label `ProgramSource.load` will give the file once written."""
-    return f"{path} (sha256 {hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]})"
-
-
 # ─── The run ─────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -394,8 +388,11 @@ def optimize(
         "train_calls": len(trainset),
     }
     texts = {t.name: program_json(compiled[t.name], provenance) for t in TARGETS}
+    # Labelled as `ProgramSource.load` will label the files once written (UTF-8, like atomic_write_texts).
     optimized = {
-        t.name: ProgramSource(json.loads(texts[t.name]), _label(output_dir / t.stage.program_file, texts[t.name]))
+        t.name: ProgramSource(
+            json.loads(texts[t.name]), program_label(output_dir / t.stage.program_file, texts[t.name].encode("utf-8"))
+        )
         for t in TARGETS
     }
     logger.info("[4/5] evaluating the optimized programs on %d %s calls", len(evalset), options.eval_split)

@@ -65,8 +65,12 @@ class ProgramSource:
         if not path.is_file():
             return cls(None, f"default prompts ({path} not found)")
         data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()[:12]
-        return cls(json.loads(data), f"{path} (sha256 {digest})")
+        return cls(json.loads(data), program_label(path, data))
+
+
+def program_label(path: Path, data: bytes) -> str:
+    """How reports and manifests name a program file: its path and the start of its sha256."""
+    return f"{path} (sha256 {hashlib.sha256(data).hexdigest()[:12]})"
 
 
 @dataclass(frozen=True)
