@@ -29,7 +29,7 @@ def ray_local():
 
     from triage.pipeline import init_ray
 
-    init_ray(Settings())
+    init_ray()
     yield
     ray.shutdown()
 

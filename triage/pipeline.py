@@ -105,7 +105,7 @@ def plan_pools(settings: Settings, cpus: float) -> list[PoolPlan]:
     ]
 
 
-def init_ray(settings: Settings, *, verbose: bool = False) -> None:
+def init_ray(*, verbose: bool = False) -> None:
     """Local Ray by default; the existing cluster at RAY_ADDRESS when set. Quiet unless `verbose`."""
     import ray
 
@@ -256,7 +256,7 @@ def _triage(
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    init_ray(settings, verbose=verbose)
+    init_ray(verbose=verbose)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     plans = plan_pools(settings, cpus)
     to_do = frozenset(call_id for call_id in scan.call_ids if call_id not in done)
