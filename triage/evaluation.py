@@ -258,7 +258,7 @@ class EvaluationReport:
 
     def write(self, path: str | Path) -> tuple[Path, Path]:
         """Write the report as `<path>.md` and `<path>.json`."""
-        return write_report(path, self.to_markdown(), self.to_dict())
+        return write_evaluation_report(path, self.to_markdown(), self.to_dict())
 
     def to_markdown(self, title: str | None = None) -> str:
         lines = [f"# {title or 'Evaluation'}", "", *self.header_lines(), "", "| metric | value |", "|---|---|"]
@@ -347,7 +347,7 @@ def confusion_sections(scores: Scores, suffix: str = "") -> list[str]:
     ]
 
 
-def write_report(path: str | Path, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
+def write_evaluation_report(path: str | Path, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
     """Write `<stem>.md` and `<stem>.json` beside each other (a path ending in .json or .md names either)."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".md", ".json") else path
