@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_local_model.py                       # threads 1 and 2, 5 dev calls
     .venv/bin/python scripts/bench_local_model.py --threads 2 --rows 10 --reasoning-chars 160
+    .venv/bin/python scripts/bench_local_model.py --threads 1 --programs optimized --input data/calls.jsonl
 
 Per call it prints the seconds, prompt tokens (and how many were actually evaluated: the rest came
 from the KV cache), generated tokens and the answer; per setting, the averages, generated tokens/s
@@ -34,7 +35,15 @@ from triage.local import (  # noqa: E402
     AsyncLocalEngine,
     LocalEngine,
 )
-from triage.programs import CATEGORIES, PRIORITIES, ExtractDetails, TriageCall  # noqa: E402
+from triage.programs import (  # noqa: E402
+    CATEGORIES,
+    PRIORITIES,
+    CallTriager,
+    DetailExtractor,
+    ExtractDetails,
+    TriageCall,
+)
+from triage.stages import ExtractDetailsStage, ProgramSource, TriageStage  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -50,9 +59,29 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def load_rows(n: int) -> list[dict]:
-    rows = [json.loads(line) for line in (ROOT / "data" / "dev.jsonl").read_text().splitlines() if line.strip()]
+def load_rows(path: Path, n: int) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:n]
+
+
+def modules(programs: Path | None) -> list[tuple[str, dspy.Module, type[dspy.Signature]]]:
+    """The two programs: bare ChainOfThought modules, or those compiled in `programs` (demos included)."""
+    if programs is None:
+        return [
+            ("TriageCall", dspy.ChainOfThought(TriageCall), TriageCall),
+            ("ExtractDetails", dspy.ChainOfThought(ExtractDetails), ExtractDetails),
+        ]
+    built = []
+    for name, module_class, stage, signature in (
+        ("CallTriager", CallTriager, TriageStage, TriageCall),
+        ("DetailExtractor", DetailExtractor, ExtractDetailsStage, ExtractDetails),
+    ):
+        module, source = module_class(), ProgramSource.load(programs, stage.program_file)
+        if source.state is not None:
+            module.load_state(source.state)
+        print(f"  {name}: {source.label}")
+        built.append((name, module, signature))
+    return built
 
 
 def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
@@ -80,8 +109,7 @@ def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
 
     report: dict = {"threads": threads, "load_s": load_s, "rss_loaded_mb": rss_loaded, "modules": {}}
     with dspy.context(lm=lm, adapter=GrammarJSONAdapter()):
-        for name, signature in (("TriageCall", TriageCall), ("ExtractDetails", ExtractDetails)):
-            module = dspy.ChainOfThought(signature)
+        for name, module, signature in modules(args.programs):
             calls = []
             for row in rows:
                 t0, c0 = time.perf_counter(), cpu_seconds()
@@ -102,9 +130,9 @@ def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
                     }
                 )
                 ok = ""
-                if name == "TriageCall":
+                if "priority" in answer:
                     valid = answer["priority"] in PRIORITIES and answer["category"] in CATEGORIES
-                    ok = f" valid={valid} expected={row['priority']}/{row['category']}"
+                    ok = f" valid={valid} expected={row.get('priority')}/{row.get('category')}"
                 print(
                     f"  {name:14s} {row['call_id']} {seconds:5.2f}s (cpu {cpu:5.2f}s) prompt {gen.prompt_tokens} "
                     f"(evaluated {gen.evaluated_prompt_tokens} in {gen.prompt_seconds:.2f}s) "
@@ -148,7 +176,9 @@ def run(threads: int, rows: list[dict], args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rows", type=int, default=5, help="first N calls of data/dev.jsonl")
+    parser.add_argument("--rows", type=int, default=5, help="first N calls of --input")
+    parser.add_argument("--input", type=Path, default=ROOT / "data" / "dev.jsonl", help="JSONL calls [data/dev.jsonl]")
+    parser.add_argument("--programs", type=Path, help="run the compiled programs in this folder (e.g. optimized)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--max-string-chars", type=int, default=DEFAULT_MAX_STRING_CHARS)
     parser.add_argument("--reasoning-chars", type=int, default=None)
@@ -156,7 +186,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
 
-    rows = load_rows(args.rows)
+    rows = load_rows(args.input, args.rows)
     print(f"cpus={os.cpu_count()} loadavg={os.getloadavg()} rows={len(rows)}", flush=True)
     reports = [run(threads, rows, args) for threads in args.threads]
     print(f"\nloadavg at end={os.getloadavg()}")
