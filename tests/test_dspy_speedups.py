@@ -9,9 +9,26 @@ import dspy.clients.model_metadata as model_metadata
 from triage import dspy_speedups
 
 
+def test_another_dspy_version_runs_plain_dspy(monkeypatch):
+    import dspy
+    import dspy.adapters.utils as adapter_utils
+
+    def original(provider, model, *, namespaces=None):
+        return {}
+
+    monkeypatch.setattr(dspy, "__version__", "3.5.0")
+    monkeypatch.setattr(dspy_speedups, "_installed", False)
+    for module in (model_metadata, costs, capabilities):
+        monkeypatch.setattr(module, "model_info", original)
+    type_adapter = adapter_utils.TypeAdapter
+    assert dspy_speedups.install() is False
+    assert all(m.model_info is original for m in (model_metadata, costs, capabilities))
+    assert adapter_utils.TypeAdapter is type_adapter
+
+
 def test_memoized_lookup_matches_the_original_and_hands_out_copies():
-    dspy_speedups.install()
-    dspy_speedups.install()  # idempotent
+    assert dspy_speedups.install() is True
+    assert dspy_speedups.install() is True  # idempotent
     memoized = model_metadata.model_info
     assert costs.model_info is memoized and capabilities.model_info is memoized
     unwrapped = memoized.__wrapped__  # DSPy's own function

@@ -12,7 +12,9 @@ The adapters' value formatting and parsing (`dspy.adapters.utils`) build a pydan
 more than using it (about 10% of a stage's CPU per call, measured). A TypeAdapter for a
 given type is the same every time, so that module gets a cached constructor.
 
-Applied once per process by `install()`; a DSPy without these names is left alone.
+Applied once per process by `install()`, and only on the DSPy version they were written and
+measured for (`PATCHED_FOR`): any other version runs plain DSPy. docs/dspy-patches.md lists
+every place this project reaches into DSPy, and why.
 """
 
 from __future__ import annotations
@@ -25,13 +27,20 @@ from typing import Any
 logger = logging.getLogger("triage")
 
 _MODULES = ("dspy.clients.model_metadata", "dspy.clients.costs", "dspy.clients.capabilities")
+PATCHED_FOR = "3.4.1"
 _installed = False
 
 
-def install() -> None:
+def install() -> bool:
+    """Apply the memoizations (once per process); False, and plain DSPy, on any other DSPy version."""
     global _installed
+    import dspy
+
+    if dspy.__version__ != PATCHED_FOR:
+        logger.debug("DSPy %s is not %s: its lookups are left as they are", dspy.__version__, PATCHED_FOR)
+        return False
     if _installed:
-        return
+        return True
     _installed = True
     import importlib
 
@@ -40,7 +49,7 @@ def install() -> None:
         original = modules[0].model_info
     except (ImportError, AttributeError):
         logger.debug("DSPy has no model_info to memoize; left as is")
-        return
+        return False
 
     @functools.lru_cache(maxsize=256)
     def _cached(provider: Any, model: Any, namespaces: tuple[str, ...] | None) -> dict[str, Any]:
@@ -58,6 +67,7 @@ def install() -> None:
         if getattr(module, "model_info", None) is original:
             module.model_info = model_info
     _cache_type_adapters()
+    return True
 
 
 def _cache_type_adapters() -> None:

@@ -176,7 +176,10 @@ class GrammarJSONAdapter(JSONAdapter):
             return
         if not (isinstance(response_format, type) and issubclass(response_format, pydantic.BaseModel)):
             return
-        from dspy.clients.legacy_requests import _strict_json_schema
+        try:  # DSPy's own strict-mode shaping of a generated schema (private; present in 3.4)
+            from dspy.clients.legacy_requests import _strict_json_schema
+        except ImportError:  # another DSPy: no span rule; the review queue still flags ungrounded answers
+            return
 
         schema = copy.deepcopy(_strict_json_schema(response_format.model_json_schema()))
         for name in spans:
