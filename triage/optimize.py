@@ -50,6 +50,7 @@ from typing import Any
 import dspy
 from dotenv import dotenv_values
 
+from triage.atomic import atomic_write_texts
 from triage.demos import (
     details_demo,
     details_features,
@@ -63,7 +64,6 @@ from triage.errors import ConfigError, TriageError
 from triage.evaluation import (
     EvaluationReport,
     Usage,
-    atomic_write_texts,
     baseline_section,
     concurrency_for,
     confusion_sections,
