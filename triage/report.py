@@ -13,11 +13,9 @@ value from the data (transcripts, summaries, ids, manifest text) is untrusted an
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -30,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from triage.atomic import atomic_write_text
 from triage.errors import InputError, TriageError, redact
 from triage.programs import CATEGORIES, PRIORITIES
 from triage.schema import OUTPUT_COLUMNS, OUTPUT_SCHEMA
@@ -636,13 +635,8 @@ def write_report(source: str | Path, output: str | Path, now: datetime | None = 
     report = build_report(source, now)
     output = Path(output)
     page = render_html(report)
-    temporary = output.with_name(f".{output.name}.tmp")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(page, encoding="utf-8")
-        os.replace(temporary, output)
+        atomic_write_text(output, page)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
         raise TriageError(f"cannot write the report to {output}: {exc.strerror or exc}") from None
     return ReportSummary(len(report.calls), len(report.urgent), report.with_errors, output)
