@@ -30,10 +30,10 @@ import pyarrow.dataset as pads
 
 from triage.atomic import atomic_write_text
 from triage.errors import InputError, TriageError, redact
+from triage.manifest import MANIFEST_NAME
 from triage.programs import CATEGORIES, PRIORITIES
 from triage.schema import OUTPUT_COLUMNS, OUTPUT_SCHEMA
 
-MANIFEST_NAME = "_manifest.json"
 STAGES = ("input", "triage", "extract_details")
 NOT_TRIAGED = "not triaged"
 REQUIRED_COLUMNS = ("call_id", "priority", "category", "errors", "prompt_tokens", "completion_tokens")
