@@ -440,9 +440,6 @@ class _BudgetActor:
         waits = [self.budget.reserve(1, t, now=now) for t in tokens]
         return waits, self.budget.blocked_for(now), self.budget.penalties
 
-    def settle(self, estimated: int, actual: int) -> None:
-        self.budget.settle(estimated, actual, now=time.monotonic())
-
     def penalize(self, retry_after: float | None) -> tuple[float, int]:
         blocked_for = self.budget.penalize(retry_after, now=time.monotonic())
         return blocked_for, self.budget.penalties
