@@ -13,8 +13,8 @@ from pathlib import Path
 import dspy
 import pytest
 
+import triage.atomic
 import triage.demos
-import triage.evaluation
 import triage.optimize
 from tests.fake_provider import FakeProvider, expected_answer
 from triage.cli import main
@@ -174,7 +174,7 @@ def test_a_failure_while_writing_leaves_the_old_files_and_no_temporary_file(prov
             raise OSError(28, "No space left on device")
         real_fsync(descriptor)
 
-    monkeypatch.setattr(triage.evaluation.os, "fsync", fsync_fails_on_the_third_file)
+    monkeypatch.setattr(triage.atomic.os, "fsync", fsync_fails_on_the_third_file)
     out = tmp_path / "optimized"
     write_old_files(out)
     with pytest.raises(TriageError, match=r"could not write .*report\.md: No space left on device"):

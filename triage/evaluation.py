@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,8 +24,9 @@ import dspy
 from dspy.utils.callback import BaseCallback
 from dspy.utils.usage_tracker import track_usage
 
+from triage.atomic import atomic_write_texts
 from triage.baselines import score_baselines
-from triage.errors import InputError, TriageError, first_line, redact
+from triage.errors import InputError, first_line, redact
 from triage.lm import LMSetup, build_lm
 from triage.local import is_local_model
 from triage.metrics import FAILED, INVALID, ReviewScores, Scores, percent, score_calls, score_review
@@ -355,33 +354,6 @@ def write_evaluation_report(path: str | Path, markdown: str, data: dict[str, Any
     md_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_texts({md_path: markdown, json_path: json.dumps(data, indent=2, ensure_ascii=False) + "\n"})
     return md_path, json_path
-
-
-def atomic_write_texts(files: dict[Path, str]) -> None:
-    """Write every file through a temporary file in its own folder, then rename them all into place.
-
-    Readers never see half a file, and if anything fails before the renames (a full disk, an
-    interrupt) every old file stays as it was and no temporary file is left behind.
-    """
-    temporary: dict[Path, Path] = {}
-    path = None
-    try:
-        for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temporary[path] = Path(name)
-            os.fchmod(descriptor, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes 0600
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for path, temp in temporary.items():
-            os.replace(temp, path)
-    except OSError as exc:
-        raise TriageError(f"could not write {path}: {exc.strerror or exc}") from exc
-    finally:
-        for temp in temporary.values():
-            temp.unlink(missing_ok=True)
 
 
 # ─── Entry points ───────────────────────────────────────────────────────────────────────────────

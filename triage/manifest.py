@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from triage.atomic import atomic_write_text
+
 MANIFEST_NAME = "_manifest.json"
 PACKAGES = ("triage", "dspy", "ray", "pyarrow", "pandas", "tenacity", "cyllama")
 
@@ -57,9 +59,7 @@ def estimated_cost(model: str, prompt_tokens: int, completion_tokens: int) -> fl
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Write atomically (temporary name, then rename), like the part files."""
     path = folder / MANIFEST_NAME
-    temporary = folder / f".{MANIFEST_NAME}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(manifest, indent=2, default=str) + "\n")
     return path
 
 

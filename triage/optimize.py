@@ -49,6 +49,7 @@ from typing import Any
 import dspy
 from dotenv import dotenv_values
 
+from triage.atomic import atomic_write_texts
 from triage.demos import (
     details_demo,
     details_features,
@@ -61,7 +62,6 @@ from triage.demos import (
 from triage.errors import ConfigError, TriageError
 from triage.evaluation import (
     Usage,
-    atomic_write_texts,
     concurrency_for,
     evaluate_programs,
     load_labeled,

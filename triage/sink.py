@@ -1,7 +1,7 @@
 """The output dataset on disk: Parquet part files that are either whole or absent.
 
 The driver writes each part to a hidden temporary file in the output folder and renames it
-into place (`os.replace`, atomic on one file system). A run killed at any moment leaves
+into place (`triage.atomic`: fsynced, then `os.replace`, atomic on one file system). A run killed at any moment leaves
 only whole part files and, at worst, hidden temporaries, which readers ignore (pyarrow skips
 names starting with "." or "_") and the next run deletes. The call_ids in the whole part
 files are the rows already done: a rerun into the same folder skips them.
@@ -9,7 +9,6 @@ files are the rows already done: a rerun into the same folder skips them.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -19,11 +18,11 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from triage.atomic import TEMP_SUFFIX, atomic_write
 from triage.errors import ConfigError
 from triage.schema import OUTPUT_SCHEMA, to_output
 
 PART_PREFIX = "part-"
-TEMP_SUFFIX = ".tmp"
 
 
 class PartWriter:
@@ -73,13 +72,8 @@ class PartWriter:
 
 def write_part(folder: Path, table: pa.Table) -> Path:
     """Write `table` as a new part file: to a hidden temporary name first, then renamed into place."""
-    name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
-    temporary = folder / f".{name}{TEMP_SUFFIX}"
-    pq.write_table(table, temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    final = folder / name
-    os.replace(temporary, final)
+    final = folder / f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+    atomic_write(final, lambda handle: pq.write_table(table, handle))
     return final
 
 

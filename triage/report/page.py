@@ -1,55 +1,36 @@
-"""`python -m triage report`: one self-contained HTML page about a triaged dataset, for a supervisor.
-
-The page reads the output dataset (and its `_manifest.json`, when the run left one) and shows
-the headline numbers, calls by priority x category (a heat-map table and an SVG bar chart),
-the calls that need review (possible under-triage first, then urgent calls), the urgent calls,
-error counts by reason, tokens and cost, and the manifest.
+"""The HTML page: one self-contained string rendered from a `Report`, and writing it.
 
 Self-contained: CSS and charts are inline, and a Content-Security-Policy forbids every script
 and every request, so the page works offline and an escaping slip could not run code. Every
 value from the data (transcripts, summaries, ids, manifest text) is untrusted and goes through
-`html.escape`; manifest text also goes through `redact`, and secret-named keys are masked.
+`esc` (`html.escape`, quotes included).
 """
 
 from __future__ import annotations
 
-import contextlib
 import html
-import json
-import math
-import os
-import re
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.dataset as pads
 
-from triage.errors import InputError, TriageError, redact
-from triage.programs import CATEGORIES, PRIORITIES
-from triage.schema import OUTPUT_COLUMNS, OUTPUT_SCHEMA
+from triage.atomic import atomic_write_text
+from triage.errors import TriageError
+from triage.manifest import MANIFEST_NAME
+from triage.report.aggregation import (
+    NOT_TRIAGED,
+    error_kinds,
+    estimated_cost,
+    priority_by_category,
+    tokens_by_model,
+)
+from triage.report.data import Report, build_report
 
-MANIFEST_NAME = "_manifest.json"
-STAGES = ("input", "triage", "extract_details")
-NOT_TRIAGED = "not triaged"
-REQUIRED_COLUMNS = ("call_id", "priority", "category", "errors", "prompt_tokens", "completion_tokens")
 MAX_URGENT_ROWS = 500
 MAX_REVIEW_ROWS = 500
-UNDER_TRIAGE_REASON = "possible under-triage"
 MAX_TRANSCRIPT_CHARS = 4000
-MAX_KIND_CHARS = 80
-MASK = "****"
-
-_ERROR_SPLIT = re.compile(rf"; (?=(?:{'|'.join(STAGES)}): )")
-_LINE_PREFIX = re.compile(r"^line \d+: ")
-_EXCEPTION_NAME = re.compile(r"^([A-Z][A-Za-z0-9_.]*): ")  # the stages write "ExceptionName: message"
-_TRAILING_DETAIL = re.compile(r"\s*\(.*\)\s*$")
-_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|credential|authorization|(^|[_.-])token$)", re.I)
 PRIORITY_COLOURS = {
     "urgent": "#c62828",
     "non_urgent": "#ef8f00",
@@ -57,256 +38,6 @@ PRIORITY_COLOURS = {
     NOT_TRIAGED: "#b0b0b0",
 }
 OTHER_COLOUR = "#7e57c2"
-
-
-@dataclass(frozen=True)
-class ErrorKind:
-    """Rows whose errors include one kind of failure, e.g. "triage: InvalidAnswer"."""
-
-    kind: str
-    rows: int
-    example: str
-
-
-@dataclass
-class Manifest:
-    """The run's `_manifest.json`, flattened to (key, text) rows with secrets masked."""
-
-    path: Path
-    rows: list[tuple[str, str]] = field(default_factory=list)
-    values: dict[str, Any] = field(default_factory=dict)
-    problem: str | None = None
-
-
-@dataclass
-class Report:
-    """What the page shows, computed once from the dataset and the manifest."""
-
-    source: Path
-    calls: pd.DataFrame
-    priorities: list[str]
-    categories: list[str]
-    manifest: Manifest | None
-    generated_at: datetime
-
-    @property
-    def urgent(self) -> pd.DataFrame:
-        return self.calls[self.calls["priority"] == "urgent"]
-
-    @property
-    def with_errors(self) -> int:
-        return int(self.calls["errors"].notna().sum())
-
-    @property
-    def needs_review(self) -> pd.DataFrame:
-        """Calls with a review reason, most serious first: possible under-triage, then urgent, then the rest."""
-        flagged = self.calls[self.calls["review"].notna()]
-        rank = flagged["review"].str.contains(UNDER_TRIAGE_REASON, regex=False).map({True: 0, False: 2})
-        rank = rank.where(~((rank == 2) & (flagged["priority"] == "urgent")), 1)
-        return flagged.assign(_rank=rank).sort_values(["_rank", "call_id"]).drop(columns="_rank")
-
-
-@dataclass(frozen=True)
-class ReportSummary:
-    """The one line the CLI prints."""
-
-    calls: int
-    urgent: int
-    with_errors: int
-    output: Path
-
-    def line(self) -> str:
-        return f"{self.calls} calls, {self.urgent} urgent, {self.with_errors} with errors -> {self.output}"
-
-
-# --- reading ---------------------------------------------------------------------------------
-
-
-def load_calls(source: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """The dataset as a DataFrame with text priority/category (None when null), plus their levels."""
-    table = _read_table(source)
-    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
-    if missing:
-        raise InputError(f"input {source} is not a triage dataset: no column {', '.join(missing)}")
-    frame = table.to_pandas()
-    priorities = _levels(frame["priority"], PRIORITIES)
-    categories = _levels(frame["category"], CATEGORIES)
-    for name in OUTPUT_COLUMNS:
-        if name not in frame.columns:
-            frame[name] = None
-        elif name in ("prompt_tokens", "completion_tokens"):
-            frame[name] = pd.to_numeric(frame[name], errors="coerce").fillna(0).astype("int64")
-        elif name != "triaged_at":
-            frame[name] = _as_text(frame[name])
-    return frame, priorities, categories
-
-
-def _read_table(source: Path) -> pa.Table:
-    if not source.exists():
-        raise InputError(f"input {source} does not exist (run `make triage` first, or pass --input)")
-    try:
-        dataset = pads.dataset(source, format="parquet")
-        if dataset.files:
-            return dataset.to_table()
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(f"input {source} is not a readable Parquet dataset ({_first_line(exc)})") from None
-    if not (source / MANIFEST_NAME).is_file():
-        raise InputError(f"input {source} holds no Parquet files: not a triage dataset")
-    return OUTPUT_SCHEMA.empty_table()  # a run with no rows: its manifest, no part files
-
-
-def _levels(column: pd.Series, known: Iterable[str]) -> list[str]:
-    """The known levels in their order, then any other value seen (or declared by a categorical)."""
-    levels = list(known)
-    declared = list(column.cat.categories) if isinstance(column.dtype, pd.CategoricalDtype) else []
-    seen = sorted({str(v) for v in column.dropna().unique()})
-    for value in [str(v) for v in declared] + seen:
-        if value not in levels:
-            levels.append(value)
-    return levels
-
-
-def _as_text(column: pd.Series) -> pd.Series:
-    """Strings, with None for nulls, whatever the column's dtype (string, categorical, object)."""
-    values = column.astype(object)
-    return values.where(column.notna(), None).map(lambda v: v if v is None else str(v))
-
-
-def read_manifest(folder: Path) -> Manifest | None:
-    """The run's manifest beside the dataset, or None when there is none; never raises on its content."""
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    manifest = Manifest(path=path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        manifest.problem = redact(_first_line(exc))
-        return manifest
-    for key, value in flatten(data if isinstance(data, dict) else {"manifest": data}):
-        if not key:  # an empty manifest: nothing to show
-            continue
-        safe = MASK if _is_secret(key, value) else value
-        manifest.values[key] = safe
-        manifest.rows.append((redact(key), redact(_text(safe))))
-    return manifest
-
-
-def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Nested dicts and lists as (dotted.key, scalar) pairs; a list of scalars stays one value."""
-    if isinstance(value, dict) and value:
-        for key, item in value.items():
-            yield from flatten(item, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(value, list) and any(isinstance(item, dict | list) for item in value):
-        for index, item in enumerate(value):
-            yield from flatten(item, f"{prefix}[{index}]")
-    else:
-        yield prefix, value
-
-
-def _is_secret(key: str, value: Any) -> bool:
-    return isinstance(value, str) and bool(value) and bool(_SECRET_KEY.search(key.rsplit(".", 1)[-1]))
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return ", ".join(_text(item) for item in value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def build_report(source: str | Path, now: datetime | None = None) -> Report:
-    """Read the dataset and its manifest into a Report. Raises InputError when it is not a dataset."""
-    source = Path(source)
-    calls, priorities, categories = load_calls(source)
-    manifest = read_manifest(source) if source.is_dir() else None
-    return Report(source, calls, priorities, categories, manifest, now or datetime.now(UTC))
-
-
-# --- numbers -------------------------------------------------------------------------------
-
-
-def priority_by_category(report: Report) -> pd.DataFrame:
-    """Calls per (priority, category), every level present, nulls as "not triaged"; rows are priorities."""
-    calls = report.calls
-    rows = [*report.priorities, NOT_TRIAGED]
-    columns = [*report.categories, NOT_TRIAGED]
-    if calls.empty:
-        return pd.DataFrame(0, index=rows, columns=columns)
-    counts = pd.crosstab(calls["priority"].fillna(NOT_TRIAGED), calls["category"].fillna(NOT_TRIAGED))
-    return counts.reindex(index=rows, columns=columns, fill_value=0).astype(int)
-
-
-def error_parts(errors: str) -> list[str]:
-    """One row's `errors` split into its "stage: reason" parts (a reason may itself hold "; ")."""
-    return [part for part in _ERROR_SPLIT.split(errors) if part.strip()]
-
-
-def error_kind(part: str) -> str:
-    """The kind of one "stage: reason": the exception name, or the reason without line numbers and details."""
-    stage, _, reason = part.partition(": ")
-    if not reason:
-        return _shorten(part.strip())
-    reason = _LINE_PREFIX.sub("", reason.strip())
-    named = _EXCEPTION_NAME.match(reason)
-    kind = named.group(1) if named else _TRAILING_DETAIL.sub("", reason)
-    return f"{stage}: {_shorten(kind or reason)}"
-
-
-def error_kinds(errors: pd.Series) -> list[ErrorKind]:
-    """Rows per error kind (a row counts once per kind), most frequent first, with one example each."""
-    rows: Counter[str] = Counter()
-    examples: dict[str, str] = {}
-    for text in errors.dropna():
-        kinds: dict[str, str] = {}
-        for part in error_parts(redact(str(text))):
-            kinds.setdefault(error_kind(part), part)
-        rows.update(kinds.keys())
-        for kind, part in kinds.items():
-            examples.setdefault(kind, part)
-    return [ErrorKind(kind, count, examples[kind]) for kind, count in sorted(rows.items(), key=lambda i: (-i[1], i[0]))]
-
-
-def tokens_by_model(calls: pd.DataFrame) -> pd.DataFrame:
-    """Calls and tokens per model string."""
-    frame = calls.assign(model=calls["model"].fillna("(unknown)"))
-    grouped = frame.groupby("model", sort=True).agg(
-        calls=("call_id", "size"),
-        prompt_tokens=("prompt_tokens", "sum"),
-        completion_tokens=("completion_tokens", "sum"),
-    )
-    return grouped.sort_values("calls", ascending=False)
-
-
-def estimated_cost(manifest: Manifest | None) -> tuple[str, str]:
-    """The cost headline and how it was found, from the manifest's first numeric key naming a cost."""
-    if manifest is None:
-        return "n/a", "no manifest"
-    keys = [k for k in manifest.values if "cost" in k.lower()]
-    keys.sort(key=lambda k: ("total" not in k.lower() and "estimat" not in k.lower(), len(k)))
-    for key in keys:
-        value = manifest.values[key]
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            money = f"${value:,.4f}" if "usd" in key.lower() or "dollar" in key.lower() else f"{value:,.4f}"
-            return money, f"manifest: {key}"
-    if keys:
-        return "unknown", "the model's price is not known"
-    return "n/a", "not in the manifest"
-
-
-def _shorten(text: str) -> str:
-    return text if len(text) <= MAX_KIND_CHARS else text[: MAX_KIND_CHARS - 1] + "…"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# --- HTML ----------------------------------------------------------------------------------
 
 
 def esc(value: Any) -> str:
@@ -627,8 +358,20 @@ td.example { color: #444; font: 12px/1.4 ui-monospace, "DejaVu Sans Mono", monos
 @media print { body { background: #fff; } section, .stat { break-inside: avoid; } }
 """
 
-
 # --- writing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """The one line the CLI prints."""
+
+    calls: int
+    urgent: int
+    with_errors: int
+    output: Path
+
+    def line(self) -> str:
+        return f"{self.calls} calls, {self.urgent} urgent, {self.with_errors} with errors -> {self.output}"
 
 
 def write_report(source: str | Path, output: str | Path, now: datetime | None = None) -> ReportSummary:
@@ -636,13 +379,8 @@ def write_report(source: str | Path, output: str | Path, now: datetime | None = 
     report = build_report(source, now)
     output = Path(output)
     page = render_html(report)
-    temporary = output.with_name(f".{output.name}.tmp")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(page, encoding="utf-8")
-        os.replace(temporary, output)
+        atomic_write_text(output, page)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
         raise TriageError(f"cannot write the report to {output}: {exc.strerror or exc}") from None
     return ReportSummary(len(report.calls), len(report.urgent), report.with_errors, output)
