@@ -67,7 +67,7 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
         stats = provider.stats()
 
     assert (summary.rows_in, summary.skipped, summary.triaged) == (60, 0, 60)
-    assert (summary.rows_out, summary.rows_with_errors) == (60, 2)
+    assert (summary.rows_out, summary.rows_with_errors, summary.rows_to_review) == (60, 2, 58)
     assert all(pq.read_schema(part) == OUTPUT_SCHEMA for part in output.glob("*.parquet"))
     frame = pd.read_parquet(output)
     assert sorted(frame["call_id"]) == ids  # every input row exactly once
@@ -86,6 +86,11 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
             expected = expected_answer(transcript)
             assert pd.isna(row.errors), row.errors
             assert {f: getattr(row, f) for f in FIELDS} == {f: expected[f] for f in FIELDS}
+            # The fake provider's location and subject are in no transcript: flagged, kept as answered.
+            assert row.review == (
+                f"location not in the transcript: {expected['location']!r}; "
+                f"subject not in the transcript: {expected['subject_description']!r}"
+            )
             assert row.prompt_tokens > 0 and row.completion_tokens > 0
         assert row.model == "openai/fake"
     assert "sk-e2e-secret-000111" not in frame.to_csv()
@@ -98,6 +103,7 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
         "triaged": 60,
         "out": 60,
         "with_errors": 2,
+        "to_review": 58,
         "errors_this_run": 2,
         "duplicate_call_ids": 0,
     }

@@ -53,6 +53,7 @@ class RunSummary:
     triaged: int
     rows_out: int
     rows_with_errors: int
+    rows_to_review: int
     duplicates: int
     seconds: float
     output: str
@@ -61,7 +62,8 @@ class RunSummary:
         duplicates = f", {self.duplicates} duplicate call_ids made unique" if self.duplicates else ""
         return (
             f"{self.rows_in} rows in, {self.skipped} skipped as already done, {self.triaged} triaged, "
-            f"{self.rows_out} rows out, {self.rows_with_errors} with errors{duplicates}, "
+            f"{self.rows_out} rows out, {self.rows_with_errors} with errors, {self.rows_to_review} to review"
+            f"{duplicates}, "
             f"{self.seconds:.1f}s -> {self.output}"
         )
 
@@ -183,13 +185,14 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     if skipped < scan.rows:
         tally = _triage(settings, files, scan, done, programs, verbose=verbose)
 
-    table = read_output(output, ["errors"])
+    table = read_output(output, ["errors", "review"])
     summary = RunSummary(
         scan.rows,
         skipped,
         tally.rows,
         table.num_rows,
         table.num_rows - table.column("errors").null_count,
+        table.num_rows - table.column("review").null_count,
         len(scan.duplicates),
         time.monotonic() - started,
         str(output),
@@ -206,6 +209,7 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
                 "triaged": summary.triaged,
                 "out": summary.rows_out,
                 "with_errors": summary.rows_with_errors,
+                "to_review": summary.rows_to_review,
                 "errors_this_run": tally.errors,
                 "duplicate_call_ids": summary.duplicates,
             },
