@@ -22,12 +22,12 @@ def test_precedence_flag_over_environment_over_dotenv_over_default(tmp_path, mon
     )
     monkeypatch.setenv("TRIAGE_MODEL", "openai/from-env")
     monkeypatch.setenv("TRIAGE_CONCURRENCY", "5")
-    settings = resolve_settings({"model": "openai/from-flag", "rpm": None}, dotenv_path=dotenv)
+    settings = resolve_settings({"model": "openai/from-flag", "limit": None}, dotenv_path=dotenv)
     assert settings.model == "openai/from-flag"  # flag over environment and .env
     assert settings.concurrency == 5  # environment over .env, converted to int
-    assert settings.limit == 9  # .env over default
+    assert settings.limit == 9  # .env over default, and a None flag is "not given"
     assert settings.reflection_model == "openai/r-dotenv"  # the reflection model is a setting like the others
-    assert settings.rpm is None and settings.output == "output/triaged_calls"  # a None flag is "not given"
+    assert settings.output == "output/triaged_calls"
     assert resolve_settings({}, dotenv_path=None).model == "openai/from-env"
     monkeypatch.delenv("TRIAGE_MODEL")
     assert resolve_settings({}, dotenv_path=None).model == DEFAULT_MODEL
