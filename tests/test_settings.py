@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -155,3 +156,9 @@ def test_help_is_built_from_the_fields(capsys):
         field = Settings.model_fields[name]
         assert " ".join(f"{field.description} [TRIAGE_{name.upper()}; default: {field.default}]".split()) in text
     assert "--concurrency N" in text and "--rpm X" in text and "--model TEXT" in text
+
+
+def test_env_example_names_every_setting():
+    text = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
+    missing = [name for name in Settings.model_fields if f"# TRIAGE_{name.upper()}=" not in text]
+    assert not missing, f".env.example lacks {missing}"
