@@ -95,6 +95,8 @@ def test_the_key_never_shows(caplog, monkeypatch):
     with pytest.raises(ConfigError) as error:  # an invalid setting beside the key: the error names, never shows
         resolve_settings({"model": "openai/x", "concurrency": "0"}, dotenv_path=None)
     assert key not in str(error.value) and error.value.__suppress_context__  # no traceback chain to print
+    with pytest.raises(ConfigError, match="^TRIAGE_API_KEY input should be a valid string$"):
+        Settings(api_key=12345678901)  # an invalid key is named, not shown
 
 
 def test_settings_travel_to_ray_actors_pickled_small_and_whole():

@@ -164,11 +164,13 @@ def _one_line(exc: ValidationError) -> str:
             phrase = str(context.get("error", error["msg"]))
         elif error["type"] == "greater_than" and context.get("gt") == 0:
             phrase = "must be positive"
+        elif error["type"] in _PHRASES:
+            phrase = _PHRASES[error["type"]].format(**context)
         else:
-            phrase = _PHRASES.get(error["type"], error["msg"].lower()).format(**context)
-        where = setting_name(name) if name in Settings.model_fields else f"{ENV_PREFIX}{name.upper()}"
-        shown = "" if name == "api_key" or error["type"] == "extra_forbidden" else f", got {error['input']!r}"
-        problems.append(f"{where} {phrase}{shown}")
+            phrase = error["msg"][:1].lower() + error["msg"][1:]
+        secret = "SecretStr" in str(getattr(Settings.model_fields.get(name), "annotation", ""))
+        shown = "" if secret or error["type"] == "extra_forbidden" else f", got {error['input']!r}"
+        problems.append(f"{setting_name(name)} {phrase}{shown}")
     return "; ".join(problems)
 
 
