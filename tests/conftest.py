@@ -16,11 +16,13 @@ from typing import Any
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="triage-dspy-cache-"))
-for _variable in ("TRIAGE_MODEL", "TRIAGE_API_KEY", "TRIAGE_API_BASE", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+for _variable in [v for v in os.environ if v.startswith("TRIAGE_")] + ["OPENAI_API_KEY", "ANTHROPIC_API_KEY"]:
     os.environ.pop(_variable, None)
 
 import dspy  # noqa: E402
 import pytest  # noqa: E402
+
+from triage.settings import Settings  # noqa: E402
 
 
 class NetworkRefused(ConnectionRefusedError):
@@ -98,3 +100,10 @@ def _no_network(network_guard):
 def _fresh_dspy_settings():
     with dspy.context(lm=None, adapter=None):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _no_dotenv_of_the_developer(monkeypatch):
+    """`Settings(...)` in a test reads no `.env` from the working directory: a test that wants one
+    passes it (`resolve_settings(..., dotenv_path=...)`) or runs the command line in its own folder."""
+    monkeypatch.setitem(Settings.model_config, "env_file", None)

@@ -21,7 +21,7 @@ from triage.cli import main
 from triage.demos import details_demo, is_urgent, select_covering, triage_demo, triage_features
 from triage.errors import TriageError
 from triage.evaluation import load_labeled
-from triage.optimize import OptimizeOptions, OptimizerUnavailable, optimize, resolve_reflection_model
+from triage.optimize import OptimizeOptions, OptimizerUnavailable, check_optimizer_available, optimize
 from triage.programs import CATEGORIES, PRIORITIES, CallTriager, DetailExtractor
 from triage.settings import Settings
 from triage.stages import ProgramSource
@@ -230,14 +230,11 @@ def test_gepa_without_a_reflection_model_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "optimized").exists()
 
 
-def test_reflection_model_precedence(tmp_path):
-    dotenv = tmp_path / ".env"
-    dotenv.write_text("TRIAGE_REFLECTION_MODEL=openai/from-dotenv\n")
-    assert resolve_reflection_model(None, environ={}, dotenv_path=dotenv) == "openai/from-dotenv"
-    env = {"TRIAGE_REFLECTION_MODEL": "openai/from-env"}
-    assert resolve_reflection_model(None, environ=env, dotenv_path=dotenv) == "openai/from-env"
-    assert resolve_reflection_model("openai/flag", environ=env, dotenv_path=dotenv) == "openai/flag"
-    assert resolve_reflection_model(None, environ={}, dotenv_path=None) is None
+def test_gepa_takes_its_reflection_model_from_the_settings(monkeypatch):
+    """TRIAGE_REFLECTION_MODEL is a setting: whatever source gave it, the check sees it (precedence: test_settings)."""
+    check_optimizer_available(Settings(reflection_model="openai/strong"), OptimizeOptions(optimizer="gepa"))
+    monkeypatch.setenv("TRIAGE_REFLECTION_MODEL", "openai/from-env")
+    check_optimizer_available(Settings(), OptimizeOptions(optimizer="gepa"))
 
 
 def test_cli_optimize_writes_the_programs_and_prints_one_line(provider, tmp_path, monkeypatch, capsys, caplog):

@@ -7,16 +7,16 @@ another row's answer shows. Faults are injected at a few percent of requests.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from pydantic import SecretStr
 
 from tests.fake_provider import FakeProvider, expected_answer, transcript_key
 from triage.schema import OUTPUT_SCHEMA
-from triage.settings import Secret, Settings
+from triage.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
             output=str(output),
             model="openai/fake",
             api_base=provider.url,
-            api_key=Secret("sk-e2e-secret-000111"),
+            api_key=SecretStr("sk-e2e-secret-000111"),
             concurrency=8,
             cache=False,
             optimized_dir=str(tmp_path / "no-programs"),  # the default prompts, whatever optimized/ holds
@@ -127,7 +127,7 @@ def test_rerun_resumes_limit_is_honoured_and_overwrite_starts_afresh(tmp_path, r
             concurrency=4,
             cache=False,
         )
-        first = run(replace(base, limit=5))
+        first = run(base.model_copy(update={"limit": 5}))
         assert (first.rows_in, first.skipped, first.triaged, first.rows_out) == (5, 0, 5, 5)
         provider.reset_stats()
         second = run(base)
@@ -136,7 +136,7 @@ def test_rerun_resumes_limit_is_honoured_and_overwrite_starts_afresh(tmp_path, r
         assert sorted(asked) == sorted(transcript_key(t) for t in transcripts[5:])  # done rows not sent again
         third = run(base)
         assert (third.skipped, third.triaged, third.rows_out) == (12, 0, 12)
-        fourth = run(replace(base, overwrite=True, limit=3))
+        fourth = run(base.model_copy(update={"overwrite": True, "limit": 3}))
         assert (fourth.skipped, fourth.triaged, fourth.rows_out) == (0, 3, 3)
     frame = pd.read_parquet(output)
     assert sorted(frame["call_id"]) == ["call-000", "call-001", "call-002"]

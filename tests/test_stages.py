@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 from dspy.lm15 import RateLimitError, ServerError
+from pydantic import SecretStr
 
 from tests.doubles import fields_for, last_user_text, scripted_lm, transcript_of
 from triage.lm import ChatAdapter, LMSetup
 from triage.schema import WORKING_SCHEMA
-from triage.settings import Secret, Settings
+from triage.settings import Settings
 from triage.stages import ExtractDetailsStage, ProgramSource, StageConfig, TriageStage
 
 
@@ -127,7 +128,7 @@ def test_transient_errors_are_retried_honouring_retry_after():
 
 def test_transient_errors_give_up_after_max_retries_with_a_redacted_error():
     key = "sk-test-0123456789abcdef"
-    settings = Settings(model="scripted/test", max_retries=2, api_key=Secret(key))
+    settings = Settings(model="scripted/test", max_retries=2, api_key=SecretStr(key))
     sleeps: list[float] = []
     stage, engine = make_stage(
         TriageStage, lambda r: ServerError(f"upstream said no to key {key}"), settings=settings, sleeps=sleeps

@@ -6,13 +6,33 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import get_args
 
 from triage.errors import TriageError, redact
-from triage.settings import Settings, resolve_settings, setting_help
+from triage.settings import ENV_PREFIX, Settings, resolve_settings
 
-RUN_FLAGS = ("input", "output", "model", "api_base", "optimized_dir", "concurrency", "limit", "rpm", "tpm")
-FLAG_TYPES = {"concurrency": int, "limit": int, "rpm": float, "tpm": float}
+RUN_FLAGS = ("input", "output", "model", "api_base", "optimized_dir", "concurrency", "limit", "rpm", "tpm", "overwrite")
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def add_setting_flags(
+    parser: argparse.ArgumentParser, names: Sequence[str], renamed: Mapping[str, str] | None = None
+) -> None:
+    """One flag per Settings field named, its help and value type taken from the field itself.
+
+    Values stay text here: Settings validates and converts them, so a bad flag, variable or `.env`
+    line gives the same one-line error. A flag left out is None: "not given", the next source decides.
+    """
+    for name in names:
+        field = Settings.model_fields[name]
+        flag = (renamed or {}).get(name, name.replace("_", "-"))
+        kind = next(kind for kind in (field.annotation, *get_args(field.annotation)) if kind in (bool, *METAVARS))
+        text = f"{field.description} [{ENV_PREFIX}{name.upper()}; default: {field.default}]"
+        if kind is bool:
+            parser.add_argument(f"--{flag}", dest=name, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(f"--{flag}", dest=name, default=None, metavar=METAVARS[kind], help=text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,23 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         help="triage transcripts into a Parquet dataset",
         description="Each flag can also be set as an environment variable or in .env.",
     )
-    helps = {name: (env, text, default) for name, env, text, default in setting_help()}
-    for name in RUN_FLAGS:
-        env, text, default = helps[name]
-        kind = FLAG_TYPES.get(name, str)
-        run.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            type=kind,
-            default=None,
-            help=f"{text} [{env}; default: {default}]",
-        )
-    run.add_argument(
-        "--overwrite",
-        action="store_true",
-        default=None,
-        help="start the output afresh instead of resuming it [TRIAGE_OVERWRITE]",
-    )
+    add_setting_flags(run, RUN_FLAGS)
     run.add_argument("--verbose", action="store_true", help="show Ray's and DSPy's own logs")
     report = commands.add_parser(
         "report",
@@ -48,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--input", default="output/triaged_calls/", help="the triaged dataset [default: %(default)s]")
     report.add_argument("--output", default="output/report.html", help="the HTML file to write [default: %(default)s]")
-    _add_evaluate_and_optimize(commands, helps)
+    _add_evaluate_and_optimize(commands)
     return parser
 
 
@@ -79,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(args)
     if args.command in SETTING_FLAGS:
         return _with_settings(args, SETTING_FLAGS[args.command], _evaluate if args.command == "evaluate" else _optimize)
-    return _with_settings(args, (*RUN_FLAGS, "overwrite"), _run)
+    return _with_settings(args, RUN_FLAGS, _run)
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> str:
@@ -100,7 +104,7 @@ def _with_settings(
     try:
         settings = resolve_settings({name: getattr(args, name) for name in flags})
         if settings.api_key is not None:
-            secrets.append(settings.api_key.reveal())
+            secrets.append(settings.api_key.get_secret_value())
         line = command(settings, args)
     except TriageError as exc:
         print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
@@ -116,26 +120,11 @@ def _with_settings(
 
 SETTING_FLAGS = {
     "evaluate": ("model", "api_base", "optimized_dir", "concurrency", "limit"),
-    "optimize": ("model", "api_base", "optimized_dir", "concurrency"),
+    "optimize": ("model", "api_base", "optimized_dir", "concurrency", "reflection_model"),
 }
 
 
-def _add_setting_flags(
-    parser: argparse.ArgumentParser, names: Sequence[str], helps: dict, renamed: dict[str, str] | None = None
-) -> None:
-    for name in names:
-        env, text, default = helps[name]
-        flag = (renamed or {}).get(name, name.replace("_", "-"))
-        parser.add_argument(
-            f"--{flag}",
-            dest=name,
-            type=FLAG_TYPES.get(name, str),
-            default=None,
-            help=f"{text} [{env}; default: {default}]",
-        )
-
-
-def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict) -> None:
+def _add_evaluate_and_optimize(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="score both programs on a labeled file: accuracy, urgent recall, confusion matrices",
@@ -147,7 +136,7 @@ def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict
         required=True,
         help="labeled JSONL (transcript, priority, category, location, subject_description)",
     )
-    _add_setting_flags(evaluate, SETTING_FLAGS["evaluate"], helps)
+    add_setting_flags(evaluate, SETTING_FLAGS["evaluate"])
     evaluate.add_argument(
         "--report", default="output/evaluation", help="writes REPORT.md and REPORT.json [default: %(default)s]"
     )
@@ -177,10 +166,7 @@ def _add_evaluate_and_optimize(commands: argparse._SubParsersAction, helps: dict
     optimize.add_argument(
         "--max-demo-chars", type=int, default=300, help="nearest: demo transcripts are cut to this [%(default)s]"
     )
-    optimize.add_argument(
-        "--reflection-model", default=None, help="GEPA's reflection / MIPROv2's prompt model [TRIAGE_REFLECTION_MODEL]"
-    )
-    _add_setting_flags(optimize, SETTING_FLAGS["optimize"], helps, {"optimized_dir": "output-dir"})
+    add_setting_flags(optimize, SETTING_FLAGS["optimize"], {"optimized_dir": "output-dir"})
     optimize.add_argument("--verbose", action="store_true", help="show DSPy's own logs")
 
 
@@ -193,7 +179,7 @@ def _evaluate(settings: Settings, args: argparse.Namespace) -> str:
 
 
 def _optimize(settings: Settings, args: argparse.Namespace) -> str:
-    from triage.optimize import OptimizeOptions, optimize, resolve_reflection_model
+    from triage.optimize import OptimizeOptions, optimize
 
     options = OptimizeOptions(
         optimizer=args.optimizer,
@@ -206,6 +192,5 @@ def _optimize(settings: Settings, args: argparse.Namespace) -> str:
         demos=args.demos,
         k_candidates=tuple(args.k),
         max_demo_chars=args.max_demo_chars,
-        reflection_model=resolve_reflection_model(args.reflection_model),
     )
     return optimize(settings, options).line()

@@ -176,7 +176,7 @@ def run_module(
     """Predict every example with one stage, `concurrency_for(settings)` calls at a time."""
     config = StageConfig(settings=settings, program=program, in_flight=concurrency_for(settings))
     stage = stage_class(config, lm_setup=setup)
-    secrets = [settings.api_key.reveal()] if settings.api_key else []
+    secrets = [settings.api_key.get_secret_value()] if settings.api_key else []
     run = ModuleRun(
         program=program.label,
         predictions=[None] * len(examples),

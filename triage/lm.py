@@ -209,7 +209,7 @@ def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = 
     if settings.api_base:
         kwargs["api_base"] = settings.api_base
     if settings.api_key is not None:
-        kwargs["api_key"] = settings.api_key.reveal()
+        kwargs["api_key"] = settings.api_key.get_secret_value()
     elif settings.api_base:
         kwargs["api_key"] = NO_KEY  # self-hosted servers (vLLM, llama.cpp) often need none; DSPy insists on one
     lm = build_native_lm(settings.model, cache=settings.cache, num_retries=num_retries, client_kwargs=kwargs)

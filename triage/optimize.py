@@ -38,16 +38,14 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dspy
-from dotenv import dotenv_values
 
 from triage.atomic import atomic_write_texts
 from triage.demos import (
@@ -79,7 +77,6 @@ logger = logging.getLogger("triage")
 
 OPTIMIZERS = ("nearest", "labeled", "bootstrap", "mipro", "gepa")
 DEFAULT_OPTIMIZER = "nearest"
-REFLECTION_MODEL_VARIABLE = "TRIAGE_REFLECTION_MODEL"
 REPORT_NAME = "report"
 BOOTSTRAP_CANDIDATES = 4
 OPTIMIZER_RETRIES = 3
@@ -104,7 +101,6 @@ class OptimizeOptions:
     demos: int = 6
     k_candidates: tuple[int, ...] = (1, 2)  # nearest: demos per call, chosen on the eval split by the metric
     max_demo_chars: int | None = 300  # nearest: demo transcripts are cut to this (prompt length is the cost)
-    reflection_model: str | None = None
     seed: int = 0
 
     @property
@@ -129,24 +125,11 @@ class OptimizeOptions:
             raise ConfigError("--k needs at least one value")
 
 
-def resolve_reflection_model(
-    flag: str | None, *, environ: dict[str, str] | None = None, dotenv_path: str | Path | None = ".env"
-) -> str | None:
-    """The reflection / prompt model: flag > TRIAGE_REFLECTION_MODEL in the environment > in .env."""
-    if flag:
-        return flag
-    environ = os.environ if environ is None else environ
-    if environ.get(REFLECTION_MODEL_VARIABLE):
-        return environ[REFLECTION_MODEL_VARIABLE]
-    dotenv = dotenv_values(dotenv_path) if dotenv_path else {}
-    return dotenv.get(REFLECTION_MODEL_VARIABLE) or None
-
-
 def reflection_settings(settings: Settings, model: str) -> Settings:
     """Settings for the reflection model: the task model's endpoint and key when the provider is the
     same, else that provider's own key from the environment or .env."""
     same_provider = provider_of(model) == settings.provider
-    flags: dict[str, Any] = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    flags: dict[str, Any] = settings.model_dump()
     flags.update(
         model=model,
         api_key=settings.api_key if same_provider else None,
@@ -197,13 +180,13 @@ TARGETS = (
 )
 
 
-def check_optimizer_available(options: OptimizeOptions) -> None:
+def check_optimizer_available(settings: Settings, options: OptimizeOptions) -> None:
     """Fail before any work when the optimizer's extra dependency or model is missing."""
     if options.optimizer == "mipro" and importlib.util.find_spec("optuna") is None:
         raise OptimizerUnavailable('--optimizer mipro needs optuna: pip install "dspy[optuna]"')
-    if options.optimizer == "gepa" and not options.reflection_model:
+    if options.optimizer == "gepa" and not settings.reflection_model:
         raise OptimizerUnavailable(
-            f"--optimizer gepa needs a reflection model: set --reflection-model or {REFLECTION_MODEL_VARIABLE} "
+            "--optimizer gepa needs a reflection model: set --reflection-model or TRIAGE_REFLECTION_MODEL "
             "(a strong hosted model, e.g. openai/gpt-4.1)"
         )
 
@@ -307,16 +290,16 @@ def optimize(
 ) -> OptimizeResult:
     """Compile both programs on the train split and write them with a before/after report."""
     options.check()
-    check_optimizer_available(options)
+    check_optimizer_available(settings, options)
     started = time.monotonic()
     output_dir = Path(options.output_dir or settings.optimized_dir)
     trainset = load_labeled(options.train, options.max_train)
     evalset = load_labeled(options.eval_file, options.max_eval)
     setup = lm_setup or build_lm(settings, num_retries=OPTIMIZER_RETRIES)
     reflection_lm = None
-    if reflection_setup is None and options.reflection_model and options.optimizer in ("mipro", "gepa"):
+    if reflection_setup is None and settings.reflection_model and options.optimizer in ("mipro", "gepa"):
         reflection_setup = build_lm(
-            reflection_settings(settings, options.reflection_model), num_retries=OPTIMIZER_RETRIES
+            reflection_settings(settings, settings.reflection_model), num_retries=OPTIMIZER_RETRIES
         )
     if reflection_setup is not None:
         reflection_lm = reflection_setup.lm

@@ -357,7 +357,7 @@ def rows_per_file(settings: Settings) -> int:
 def check_credentials(settings: Settings) -> None:
     """Fail before starting when a provider we know has no key anywhere (else every row would fail).
 
-    `resolve_settings` already took the provider's variable from the environment or `.env`.
+    Settings already took the provider's variable from the environment or `.env`.
     """
     if is_local_model(settings.model) or settings.api_key is not None or settings.api_base:
         return

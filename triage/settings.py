@@ -1,23 +1,26 @@
-"""Every setting in one typed object, resolved in one place.
+"""Every setting in one typed object, resolved in one place: `Settings`, a pydantic-settings model.
 
-Precedence: command-line flag > environment variable > `.env` file > default. The `.env`
-file is read with `dotenv_values` (never loaded into `os.environ`), from an explicit path:
-`python-dotenv`'s own search starts from the calling file's folder, not the working
-directory.
+Precedence: command-line flag > environment variable > `.env` file > default. Flags are the
+model's init arguments, so pydantic-settings applies the whole order itself; each field is
+`TRIAGE_<NAME>` in the environment and in `.env` (read from the working directory, never
+loaded into `os.environ`). The key is a `SecretStr`: masked in every repr, revealed only by
+`get_secret_value()` where it is sent. A validation error is a one-line `ConfigError` naming
+the flag and variable, never the key.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from triage.errors import ConfigError
 
+ENV_PREFIX = "TRIAGE_"
 DEFAULT_MODEL = "local/smollm2-135m"
 PROVIDER_KEY_VARIABLES = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
@@ -27,70 +30,80 @@ def provider_of(model: str) -> str:
     return model.split("/", 1)[0] if "/" in model else "openai"
 
 
-class Secret:
-    """A string that never shows itself in a repr, a log line or an f-string."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('****')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+def _flag(default: Any, description: str, **constraints: Any) -> Any:
+    """A field the command line offers as `--name` (which commands offer it is the CLI's choice)."""
+    return Field(default, description=description, json_schema_extra={"flag": True}, **constraints)
 
 
-def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "secret": secret})
+class Settings(BaseSettings):
+    """What a run needs to know. Field `name` is flag `--name` and variable `TRIAGE_NAME`."""
 
-
-@dataclass(frozen=True)
-class Settings:
-    """What a run needs to know. Each field names its environment variable."""
-
-    input: str = _setting(
-        "data/calls.jsonl", "TRIAGE_INPUT", "input file, folder or glob (.jsonl .json .csv .parquet .txt)"
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,  # `TRIAGE_LIMIT=` means unset, as in .env.example
+        extra="forbid",  # with match_prefix: a misspelt TRIAGE_ line in .env is an error; other lines are ignored
+        dotenv_filtering="match_prefix",
+        frozen=True,
+        hide_input_in_errors=True,
     )
-    output: str = _setting(
-        "output/triaged_calls", "TRIAGE_OUTPUT", "output Parquet folder (replaced at the end of a run)"
+
+    input: str = _flag("data/calls.jsonl", "input file, folder or glob (.jsonl .json .csv .parquet .txt)")
+    output: str = _flag("output/triaged_calls", "output Parquet folder (replaced at the end of a run)")
+    model: str = _flag(DEFAULT_MODEL, "DSPy model string, e.g. openai/gpt-4.1-mini")
+    api_base: str | None = _flag(None, "base URL of an OpenAI-compatible server")
+    api_key: SecretStr | None = Field(
+        None, description="API key (else the provider's usual variable, e.g. OPENAI_API_KEY)"
     )
-    model: str = _setting(DEFAULT_MODEL, "TRIAGE_MODEL", "DSPy model string, e.g. openai/gpt-4.1-mini")
-    api_base: str | None = _setting(None, "TRIAGE_API_BASE", "base URL of an OpenAI-compatible server")
-    api_key: Secret | None = _setting(
-        None, "TRIAGE_API_KEY", "API key (else the provider's usual variable, e.g. OPENAI_API_KEY)", secret=True
+    optimized_dir: str = _flag("optimized", "folder of optimized programs")
+    concurrency: int = _flag(16, "LM requests in flight in total, both stages together", ge=1)
+    limit: int | None = _flag(None, "triage only the first N input rows", ge=0)
+    rpm: float | None = _flag(None, "LM requests per minute for the whole run, all workers together", gt=0)
+    tpm: float | None = _flag(None, "LM tokens per minute for the whole run, all workers together", gt=0)
+    max_retries: int = Field(5, description="retries of a transient LM error (429, 5xx, timeout)", ge=0)
+    validation_attempts: int = Field(3, description="tries to get an answer that validates", ge=1)
+    timeout: float = Field(60.0, description="seconds before one LM request times out", gt=0)
+    cache: bool = Field(True, description="reuse DSPy's cache of identical LM requests")
+    overwrite: bool = _flag(False, "start the output afresh instead of resuming it")
+    commit_seconds: float = Field(
+        30.0, description="finished rows are committed to the output at least this often", gt=0
     )
-    optimized_dir: str = _setting("optimized", "TRIAGE_OPTIMIZED_DIR", "folder of optimized programs")
-    concurrency: int = _setting(16, "TRIAGE_CONCURRENCY", "LM requests in flight in total, both stages together")
-    limit: int | None = _setting(None, "TRIAGE_LIMIT", "triage only the first N input rows")
-    rpm: float | None = _setting(None, "TRIAGE_RPM", "LM requests per minute for the whole run, all workers together")
-    tpm: float | None = _setting(None, "TRIAGE_TPM", "LM tokens per minute for the whole run, all workers together")
-    max_retries: int = _setting(5, "TRIAGE_MAX_RETRIES", "retries of a transient LM error (429, 5xx, timeout)")
-    validation_attempts: int = _setting(3, "TRIAGE_VALIDATION_ATTEMPTS", "tries to get an answer that validates")
-    timeout: float = _setting(60.0, "TRIAGE_TIMEOUT", "seconds before one LM request times out")
-    cache: bool = _setting(True, "TRIAGE_CACHE", "reuse DSPy's cache of identical LM requests")
-    overwrite: bool = _setting(False, "TRIAGE_OVERWRITE", "start the output afresh instead of resuming it")
-    commit_seconds: float = _setting(
-        30.0, "TRIAGE_COMMIT_SECONDS", "finished rows are committed to the output at least this often"
+    max_transcript_chars: int = Field(
+        20000, description="longer transcripts are cut to this length (noted in errors)", ge=1
     )
-    max_transcript_chars: int = _setting(
-        20000, "TRIAGE_MAX_TRANSCRIPT_CHARS", "longer transcripts are cut to this length (noted in errors)"
-    )
+    reflection_model: str | None = _flag(None, "optimize: GEPA's reflection / MIPROv2's prompt model")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc)) from None
+
+    @field_validator("model", "reflection_model")
+    @classmethod
+    def _is_a_dspy_model_string(cls, value: str | None) -> str | None:
+        if value is not None and "/" not in value:
+            raise ValueError(f"must be a DSPy model string like 'openai/gpt-4.1-mini' or '{DEFAULT_MODEL}'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init arguments) > environment > `.env` > the provider's own key variable > default."""
+        return init_settings, env_settings, dotenv_settings, _ProviderKey(settings_cls, env_settings, dotenv_settings)
 
     def describe(self) -> dict[str, Any]:
         """The settings as plain values, secrets masked: safe to log or write to a manifest."""
         return {
-            f.name: ("****" if f.metadata["secret"] and getattr(self, f.name) else getattr(self, f.name))
-            for f in fields(self)
+            name: ("****" if isinstance(value, SecretStr) else value)
+            for name, value in ((name, getattr(self, name)) for name in type(self).model_fields)
         }
 
     @property
@@ -98,99 +111,73 @@ class Settings:
         return provider_of(self.model)
 
 
-def setting_help() -> list[tuple[str, str, str, Any]]:
-    """(field, environment variable, help, default) for every setting, for docs and --help."""
-    return [(f.name, f.metadata["env"], f.metadata["help"], f.default) for f in fields(Settings)]
+class _ProviderKey(PydanticBaseSettingsSource):
+    """`api_key` from the provider's usual variable (OPENAI_API_KEY, ANTHROPIC_API_KEY), in the environment
+    or `.env`, when no higher source set it: workers then get the key inside the settings object rather
+    than from their own environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], *sources: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._sources = sources
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, "", False  # everything happens in __call__, which sees the model chosen so far
+
+    def __call__(self) -> dict[str, Any]:
+        if "api_key" in self.current_state:
+            return {}
+        model = self.current_state.get("model", self.settings_cls.model_fields["model"].default)
+        variable = PROVIDER_KEY_VARIABLES.get(provider_of(str(model)))
+        for source in self._sources if variable else ():
+            value = getattr(source, "env_vars", {}).get(variable.lower())
+            if value:
+                return {"api_key": value}
+        return {}
 
 
-def _convert(name: str, raw: Any, target: str) -> Any:
-    if raw is None or isinstance(raw, Secret):
-        return raw
-    if not isinstance(raw, str):
-        return raw
-    text = raw.strip()
-    try:
-        if target in ("int", "int | None"):
-            return None if text == "" and "None" in target else int(text)
-        if target in ("float", "float | None"):
-            return None if text == "" and "None" in target else float(text)
-        if target == "bool":
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-    except ValueError:
-        raise ConfigError(f"{name} must be {target.replace(' | None', '')}, got {text!r}") from None
-    if target == "Secret | None":
-        return Secret(text) if text else None
-    if "None" in target:
-        return text or None
-    return text
+def setting_name(name: str) -> str:
+    """The flag and environment variable of a field, as error messages and --help name them."""
+    variable = f"{ENV_PREFIX}{name.upper()}"
+    field = Settings.model_fields.get(name)
+    is_flag = field is not None and (field.json_schema_extra or {}).get("flag")
+    return f"--{name.replace('_', '-')} / {variable}" if is_flag else variable
 
 
-def resolve_settings(
-    flags: Mapping[str, Any] | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    dotenv_path: str | Path | None = ".env",
-) -> Settings:
-    """Combine flags, environment, `.env` and defaults into validated Settings.
+_PHRASES = {
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt:g}",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "extra_forbidden": "is not a setting",
+}
 
-    `flags` maps field names to values; a None value means "not given". A provider key
-    (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`) found in the environment or `.env` becomes
-    `api_key` when `TRIAGE_API_KEY` is not set, so workers get it from the settings object
-    rather than from their own environment.
-    """
-    environ = os.environ if environ is None else environ
-    dotenv = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None} if dotenv_path else {}
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
 
-    def lookup(variable: str) -> str | None:
-        return environ.get(variable, dotenv.get(variable))
-
-    values: dict[str, Any] = {}
-    for f in fields(Settings):
-        env_name = f.metadata["env"]
-        if f.name in flags:
-            raw = flags[f.name]
-        elif lookup(env_name) is not None:
-            raw = lookup(env_name)
+def _one_line(exc: ValidationError) -> str:
+    """Every problem of a ValidationError on one line, naming flag and variable; the key's value never shown."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        context = error.get("ctx") or {}
+        if error["type"] == "value_error":
+            phrase = str(context.get("error", error["msg"]))
+        elif error["type"] == "greater_than" and context.get("gt") == 0:
+            phrase = "must be positive"
+        elif error["type"] in _PHRASES:
+            phrase = _PHRASES[error["type"]].format(**context)
         else:
-            continue
-        values[f.name] = _convert(f"--{f.name.replace('_', '-')} / {env_name}", raw, str(f.type))
-
-    settings = Settings(**values)
-    if settings.api_key is None:
-        provider_variable = PROVIDER_KEY_VARIABLES.get(settings.provider)
-        provider_key = lookup(provider_variable) if provider_variable else None
-        if provider_key:
-            settings = replace(settings, api_key=Secret(provider_key))
-    _validate(settings)
-    return settings
+            phrase = error["msg"][:1].lower() + error["msg"][1:]
+        secret = "SecretStr" in str(getattr(Settings.model_fields.get(name), "annotation", ""))
+        shown = "" if secret or error["type"] == "extra_forbidden" else f", got {error['input']!r}"
+        problems.append(f"{setting_name(name)} {phrase}{shown}")
+    return "; ".join(problems)
 
 
-def _validate(settings: Settings) -> None:
-    if settings.concurrency < 1:
-        raise ConfigError(f"--concurrency / TRIAGE_CONCURRENCY must be at least 1, got {settings.concurrency}")
-    if settings.limit is not None and settings.limit < 0:
-        raise ConfigError(f"--limit / TRIAGE_LIMIT must be 0 or more, got {settings.limit}")
-    for name in ("rpm", "tpm"):
-        value = getattr(settings, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name} / TRIAGE_{name.upper()} must be positive, got {value}")
-    if settings.max_retries < 0:
-        raise ConfigError(f"TRIAGE_MAX_RETRIES must be 0 or more, got {settings.max_retries}")
-    if settings.validation_attempts < 1:
-        raise ConfigError(f"TRIAGE_VALIDATION_ATTEMPTS must be at least 1, got {settings.validation_attempts}")
-    if settings.max_transcript_chars < 1:
-        raise ConfigError(f"TRIAGE_MAX_TRANSCRIPT_CHARS must be at least 1, got {settings.max_transcript_chars}")
-    if settings.commit_seconds <= 0:
-        raise ConfigError(f"TRIAGE_COMMIT_SECONDS must be positive, got {settings.commit_seconds}")
-    if settings.timeout <= 0:
-        raise ConfigError(f"TRIAGE_TIMEOUT must be positive, got {settings.timeout}")
-    if "/" not in settings.model:
-        raise ConfigError(
-            f"--model / TRIAGE_MODEL must be a DSPy model string like 'openai/gpt-4.1-mini' or "
-            f"'{DEFAULT_MODEL}', got {settings.model!r}"
-        )
+def resolve_settings(flags: Mapping[str, Any] | None = None, *, dotenv_path: str | Path | None = ".env") -> Settings:
+    """Settings from flags (field name -> value; None means "not given"), the environment, `.env` and defaults.
+
+    `dotenv_path=None` reads no `.env` file. Raises ConfigError (one line) on an invalid value.
+    """
+    given = {name: value for name, value in (flags or {}).items() if value is not None}
+    return Settings(_env_file=dotenv_path, **given)

@@ -75,7 +75,7 @@ def program_label(path: Path, data: bytes) -> str:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """What every actor of a stage is built from; small and picklable (the key stays a Secret)."""
+    """What every actor of a stage is built from; small and picklable (the key stays a SecretStr)."""
 
     settings: Settings
     program: ProgramSource
@@ -163,7 +163,7 @@ class Stage:
         self.in_flight = config.in_flight
         self._semaphore: asyncio.Semaphore | None = None
         self._sleep = sleep
-        self._secrets = [config.settings.api_key.reveal()] if config.settings.api_key else []
+        self._secrets = [config.settings.api_key.get_secret_value()] if config.settings.api_key else []
         if limiter is None:
             limiter = config.limiter.connect(sleep=sleep) if config.limiter else NoLimit()
         self.limiter = limiter
