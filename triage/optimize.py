@@ -35,6 +35,7 @@ urgent last: 52% / 60%, no urgent call missed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -70,6 +71,7 @@ from triage.lm import LMSetup, build_lm
 from triage.metrics import details_feedback, details_metric, percent, triage_feedback, triage_metric
 from triage.optimize_report import OptimizeResult
 from triage.programs import CallTriager, DetailExtractor
+from triage.retrieval import SimilarCalls, weighted_vote
 from triage.settings import Settings, provider_of, resolve_settings
 from triage.stages import ExtractDetailsStage, ProgramSource, Stage, TriageStage, program_label
 
@@ -101,6 +103,8 @@ class OptimizeOptions:
     demos: int = 6
     k_candidates: tuple[int, ...] = (1, 2)  # nearest: demos per call, chosen on the eval split by the metric
     max_demo_chars: int | None = 300  # nearest: demo transcripts are cut to this (prompt length is the cost)
+    vote_candidates: tuple[int, ...] = (1, 3, 5, 7, 10)  # nearest: neighbours whose vote picks the last demo
+    vote: int = 0  # set by `optimize` from vote_candidates
     seed: int = 0
 
     @property
@@ -236,11 +240,30 @@ def compile_target(
     return optimizer.compile(student, trainset=demos)
 
 
-def nearest_program(target: Target, examples: list[dspy.Example], k: int, max_demo_chars: int | None) -> dspy.Module:
+def nearest_program(
+    target: Target, examples: list[dspy.Example], k: int, max_demo_chars: int | None, vote: int = 0
+) -> dspy.Module:
     """The target's module with `examples` as its nearest-demo pool."""
     program = target.module_class()
-    program.nearest.load_state({"k": k, "max_demo_chars": max_demo_chars, "pool": nearest_pool(examples, target.demo)})
+    pool = nearest_pool(examples, target.demo)
+    program.nearest.load_state({"k": k, "max_demo_chars": max_demo_chars, "vote": vote, "pool": pool})
     return program
+
+
+def choose_vote(
+    trainset: list[dspy.Example], evalset: list[dspy.Example], candidates: tuple[int, ...]
+) -> tuple[int, dict[int, float]]:
+    """How many neighbours vote for the last demo's labels: the count whose vote alone (no LM) gets
+    the most eval priorities right with train as the pool. Ties go to fewer neighbours."""
+    index = SimilarCalls([example.transcript for example in trainset])
+    scores = {}
+    for n in sorted(candidates):
+        right = 0
+        for example in evalset:
+            votes = [(trainset[i].priority, s) for i, s in index.most_similar(example.transcript, n)]
+            right += weighted_vote(votes) == example.priority
+        scores[n] = right / len(evalset)
+    return max(scores, key=lambda n: (scores[n], -n)), scores
 
 
 def choose_nearest(
@@ -258,7 +281,7 @@ def choose_nearest(
     """
     scores: dict[int, float] = {}
     for k in sorted(options.k_candidates):
-        program = nearest_program(target, trainset, k, options.max_demo_chars)
+        program = nearest_program(target, trainset, k, options.max_demo_chars, options.vote)
         source = ProgramSource(program.dump_state(), f"{k} nearest demos")
         run = run_module(target.stage, settings, setup, source, evalset, title=f"{target.name}, k={k}")
         scores[k] = sum(
@@ -331,6 +354,13 @@ def optimize(
     usage: dict[str, Usage] = {}
     chosen_k: dict[str, int] = {}
     notes: list[str] = []
+    if options.optimizer == "nearest":
+        vote, by_vote = choose_vote(trainset, evalset, options.vote_candidates)
+        options = dataclasses.replace(options, vote=vote)
+        tried = ", ".join(f"{n}: {percent(score)}" for n, score in by_vote.items())
+        notes.append(
+            f"The last demo is chosen by the vote of the {vote} most similar calls (their vote alone, {tried})"
+        )
     for step, target in enumerate(TARGETS, 2):
         logger.info(
             "[%d/5] compiling %s with %s on %d train calls",
@@ -348,7 +378,9 @@ def optimize(
         ):
             if options.optimizer == "nearest":
                 chosen_k[target.name], by_k = choose_nearest(target, options, trainset, evalset, settings, setup)
-                compiled[target.name] = nearest_program(target, trainset, chosen_k[target.name], options.max_demo_chars)
+                compiled[target.name] = nearest_program(
+                    target, trainset, chosen_k[target.name], options.max_demo_chars, options.vote
+                )
                 tried = ", ".join(f"k={k}: {percent(score)}" for k, score in by_k.items())
                 notes.append(f"{target.name}: {chosen_k[target.name]} nearest demos per call (metric on eval: {tried})")
             else:
@@ -393,7 +425,7 @@ def optimize(
         # Tuned and scored with train as the pool; the saved programs draw on dev's labelled calls too.
         pool = trainset + load_labeled(options.dev)
         for target in TARGETS:
-            program = nearest_program(target, pool, chosen_k[target.name], options.max_demo_chars)
+            program = nearest_program(target, pool, chosen_k[target.name], options.max_demo_chars, options.vote)
             texts[target.name] = program_json(program, {**provenance, "pool": [options.train, options.dev]})
         notes.append(
             f"The figures above use the {len(trainset)} train calls as the demo pool; the saved programs' pool "

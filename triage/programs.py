@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import dspy
 
-from triage.retrieval import SimilarCalls
+from triage.retrieval import SimilarCalls, weighted_vote
 
 Priority = Literal["urgent", "non_urgent", "not_an_emergency"]
 Category = Literal["crime", "medical", "fire", "animal", "noise", "other"]
@@ -72,12 +72,21 @@ class NearestDemos:
     boundary: every demo is re-read in every prompt, and prompt length is what a small local
     model pays for most. (Cut, not skipped: keeping only short calls in the pool cost the
     nearest call's label 3-7 points of priority accuracy on dev and test.)
+
+    With `vote` > 0 the last demo speaks for the neighbourhood rather than for one call: of the
+    `vote` most similar calls, the most similar one whose priority (and, if possible, category)
+    wins their similarity-weighted vote. A small model copies the labels of the demo it read
+    last, and the vote of five neighbours is right more often than the single nearest call
+    (priority on dev: 86.3% against 78.1%, train as the pool).
     """
 
-    def __init__(self, pool: Sequence[dict[str, Any]] = (), k: int = 3, max_demo_chars: int | None = None) -> None:
+    def __init__(
+        self, pool: Sequence[dict[str, Any]] = (), k: int = 3, max_demo_chars: int | None = None, vote: int = 0
+    ) -> None:
         self.pool = [dict(demo) for demo in pool]
         self.k = k
         self.max_demo_chars = max_demo_chars
+        self.vote = vote
         self._index: SimilarCalls | None = None
         self._lock = threading.Lock()
 
@@ -86,11 +95,11 @@ class NearestDemos:
         return bool(self.pool) and self.k > 0
 
     def dump_state(self) -> dict[str, Any]:
-        return {"k": self.k, "max_demo_chars": self.max_demo_chars, "pool": self.pool}
+        return {"k": self.k, "max_demo_chars": self.max_demo_chars, "vote": self.vote, "pool": self.pool}
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         state = state or {}
-        self.__init__(state.get("pool", ()), state.get("k", 3), state.get("max_demo_chars"))
+        self.__init__(state.get("pool", ()), state.get("k", 3), state.get("max_demo_chars"), state.get("vote", 0))
 
     def nearest(self, transcript: str) -> list[tuple[dict[str, Any], float]]:
         """(demo, similarity) of the k most similar pool calls, the most similar last."""
@@ -99,8 +108,27 @@ class NearestDemos:
         with self._lock:
             if self._index is None:
                 self._index = SimilarCalls([demo["transcript"] for demo in self.pool])
-        found = self._index.most_similar(transcript, self.k)
-        return [(self.pool[i], similarity) for i, similarity in reversed(found)]
+        found = self._index.most_similar(transcript, max(self.k, self.vote))
+        chosen = found[: self.k]
+        voice = self._voice(found[: self.vote])
+        if voice is not None:  # it goes last; the others stay the most similar ones
+            chosen = [voice, *[f for f in chosen if f != voice][: self.k - 1]]
+        return [(self.pool[i], similarity) for i, similarity in reversed(chosen)]
+
+    def _voice(self, neighbours: list[tuple[int, float]]) -> tuple[int, float] | None:
+        """The most similar neighbour whose labels win the neighbours' similarity-weighted vote."""
+        entries = [(self.pool[i], (i, s)) for i, s in neighbours if "priority" in self.pool[i]]
+        if not entries:
+            return None
+        winners = {
+            label: weighted_vote([(entry.get(label), similarity) for entry, (_, similarity) in entries])
+            for label in ("priority", "category")
+        }
+        for wanted in (("priority", "category"), ("priority",)):
+            for entry, found in entries:
+                if all(entry.get(label) == winners[label] for label in wanted):
+                    return found
+        return None
 
     def demos(self, transcript: str) -> list[dspy.Example]:
         """The demos to show for `transcript`, their transcripts cut to `max_demo_chars`."""
@@ -110,7 +138,7 @@ class NearestDemos:
         ]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NearestDemos:
-        return NearestDemos(self.pool, self.k, self.max_demo_chars)  # the index is rebuilt on use
+        return NearestDemos(self.pool, self.k, self.max_demo_chars, self.vote)  # the index is rebuilt on use
 
 
 def clip(text: str, max_chars: int | None) -> str:

@@ -40,6 +40,14 @@ class SimilarCalls:
         return [(int(i), float(similarities[i])) for i in order]
 
 
+def weighted_vote(votes: Sequence[tuple[str, float]]) -> str:
+    """The label with the largest summed similarity; a tie goes to the label met first (the nearer call's)."""
+    totals: dict[str, float] = {}
+    for label, similarity in votes:
+        totals[label] = totals.get(label, 0.0) + similarity
+    return max(totals, key=totals.__getitem__)
+
+
 class SecondOpinion:
     """Class probabilities of one label (priority or category) from a classifier on the labelled calls."""
 
