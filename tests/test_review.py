@@ -35,8 +35,13 @@ def test_priority_reasons_put_possible_under_triage_first_and_only_when_the_answ
     assert priority_reasons("urgent", opinion) == [
         "priority disagrees: similar labelled calls say non_urgent (60%), answer urgent"
     ]
-    calm = {"urgent": 0.10, "non_urgent": 0.45, "not_an_emergency": 0.45}
-    assert priority_reasons("not_an_emergency", calm) == []  # no label sure enough to disagree with
+    calm = {"urgent": 0.05, "non_urgent": 0.15, "not_an_emergency": 0.80}
+    assert priority_reasons("not_an_emergency", calm) == []
+    unsure = {"urgent": 0.10, "non_urgent": 0.45, "not_an_emergency": 0.45}
+    assert priority_reasons("non_urgent", unsure) == []  # no label sure enough to disagree with
+    assert priority_reasons("not_an_emergency", unsure) == [  # 10% + 45% more urgent than the answer
+        "possible under-triage: similar labelled calls say more urgent (55%), answer not_an_emergency"
+    ]
     assert priority_reasons("urgent", {"urgent": 0.9, "non_urgent": 0.1}) == []
     assert priority_reasons("non_urgent", {}) == []  # no second opinion, no reason
 

@@ -4,9 +4,9 @@ Each stage adds its reasons to the row's `review` column (null when there are no
 "; ", the most serious first:
 
 1. "possible under-triage: ..." the second opinion (a classifier on the labelled calls,
-   `triage.retrieval.SecondOpinion`) gives `urgent` at least `UNDER_TRIAGE_P` while the LM
-   answered something else. Sending help late is the costliest error, so this fires well
-   below an even chance.
+   `triage.retrieval.SecondOpinion`) gives the levels more urgent than the LM's answer at
+   least `UNDER_TRIAGE_P` together. Sending help late is the costliest error, so this fires
+   well below an even chance.
 2. "priority disagrees: ..." the second opinion's own answer differs from the LM's with at
    least `DISAGREE_P` confidence.
 3. "answered on attempt N": earlier answers did not validate.
@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from triage.grounding import ungrounded_fields
+from triage.programs import PRIORITIES
 from triage.retrieval import SecondOpinion
 
 URGENT = "urgent"
@@ -34,12 +35,18 @@ _FIELD_NAMES = {"location": "location", "subject_description": "subject"}
 def priority_reasons(
     priority: str, opinion: dict[str, float], *, under_triage_p: float = UNDER_TRIAGE_P, disagree_p: float = DISAGREE_P
 ) -> list[str]:
-    """Reasons to doubt the LM's `priority`, given the second opinion's probabilities."""
-    if not opinion:
+    """Reasons to doubt the LM's `priority`, given the second opinion's probabilities.
+
+    Under-triage: the probability the second opinion gives to every level more urgent than the
+    answer, summed (for `non_urgent`, that of `urgent`; for `not_an_emergency`, both others).
+    """
+    if not opinion or priority not in PRIORITIES:
         return []
-    p_urgent = opinion.get(URGENT, 0.0)
-    if priority != URGENT and p_urgent >= under_triage_p:
-        return [f"possible under-triage: similar labelled calls say urgent ({p_urgent:.0%}), answer {priority}"]
+    more_urgent = PRIORITIES[: PRIORITIES.index(priority)]
+    p_higher = sum(opinion.get(level, 0.0) for level in more_urgent)
+    if more_urgent and p_higher >= under_triage_p:
+        said = more_urgent[0] if len(more_urgent) == 1 else "more urgent"
+        return [f"possible under-triage: similar labelled calls say {said} ({p_higher:.0%}), answer {priority}"]
     best = max(opinion, key=opinion.__getitem__)
     if best != priority and opinion[best] >= disagree_p:
         return [f"priority disagrees: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
