@@ -220,6 +220,7 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
             "seconds": round(summary.seconds, 3),
             "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
             "estimated_cost_usd": estimated_cost(settings.model, tally.prompt_tokens, tally.completion_tokens),
+            "rate_limit": tally.rate_limit,
             "settings": settings.describe(),
             "versions": package_versions(),
         },
@@ -235,6 +236,7 @@ class Tally:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    rate_limit: dict[str, Any] | None = None  # the shared limiter's counters, when --rpm or --tpm is set
 
     def add(self, batch: pa.Table) -> tuple[int, int]:
         errors = batch.num_rows - batch.column("errors").null_count
@@ -315,7 +317,22 @@ def _triage(
     finally:
         writer.close()  # commit what arrived, even when interrupted
         progress.close()
+    if limiter is not None:
+        tally.rate_limit = rate_limit_summary(ray.get(limiter.handle().stats.remote()))
     return tally
+
+
+def rate_limit_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest keeps of the limiter's counters: the limits, requests booked, 429s and waits."""
+    return {
+        "rpm": stats.get("rpm"),
+        "tpm": stats.get("tpm"),
+        "requests": stats.get("requests"),
+        "429s": stats.get("penalties"),
+        "rate_decreases": stats.get("decreases"),
+        "waited_seconds_total": round(float(stats.get("waited_total") or 0.0), 3),
+        "waited_seconds_max": round(float(stats.get("waited_max") or 0.0), 3),
+    }
 
 
 def rows_per_block(plans: list[PoolPlan]) -> int:
