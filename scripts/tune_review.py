@@ -23,8 +23,8 @@ from triage.metrics import is_under_triage  # noqa: E402
 from triage.review import DISAGREE_P, UNDER_TRIAGE_P, priority_reasons  # noqa: E402
 
 PRIORITY_REASONS = ("possible under-triage", "priority disagrees")
-GRID_UNDER = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
-GRID_DISAGREE = (0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 1.01)
+GRID_UNDER = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01)
+GRID_DISAGREE = (0.0, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 1.01)
 
 
 def calls_of(report: dict) -> list[dict]:

@@ -27,21 +27,22 @@ QUESTION = (
 )
 
 
-def test_priority_reasons_put_possible_under_triage_first_and_only_when_the_answer_is_not_urgent():
-    opinion = {"urgent": 0.30, "non_urgent": 0.60, "not_an_emergency": 0.10}
-    assert priority_reasons("non_urgent", opinion) == [
-        "possible under-triage: similar labelled calls say urgent (30%), answer non_urgent"
+def test_priority_reasons_put_possible_under_triage_first_and_never_fire_on_agreement():
+    leaning_urgent = {"urgent": 0.45, "non_urgent": 0.35, "not_an_emergency": 0.20}
+    assert priority_reasons("non_urgent", leaning_urgent) == [
+        "possible under-triage: similar labelled calls say urgent (45%), answer non_urgent"
     ]
-    assert priority_reasons("urgent", opinion) == [
-        "priority disagrees: similar labelled calls say non_urgent (60%), answer urgent"
+    leaning_calm = {"urgent": 0.20, "non_urgent": 0.50, "not_an_emergency": 0.30}
+    assert priority_reasons("urgent", leaning_calm) == [
+        "priority disagrees: similar labelled calls say non_urgent (50%), answer urgent"
     ]
-    calm = {"urgent": 0.05, "non_urgent": 0.15, "not_an_emergency": 0.80}
-    assert priority_reasons("not_an_emergency", calm) == []
-    unsure = {"urgent": 0.10, "non_urgent": 0.45, "not_an_emergency": 0.45}
-    assert priority_reasons("non_urgent", unsure) == []  # no label sure enough to disagree with
-    assert priority_reasons("not_an_emergency", unsure) == [  # 10% + 45% more urgent than the answer
-        "possible under-triage: similar labelled calls say more urgent (55%), answer not_an_emergency"
+    assert priority_reasons("non_urgent", leaning_calm) == []  # agreement
+    # The net: the second opinion agrees, but puts `under_triage_p` or more on the levels above the answer.
+    net = {"urgent": 0.34, "non_urgent": 0.30, "not_an_emergency": 0.36}
+    assert priority_reasons("not_an_emergency", net, under_triage_p=0.6) == [
+        "possible under-triage: similar labelled calls say more urgent (64%), answer not_an_emergency"
     ]
+    assert priority_reasons("not_an_emergency", net) == []  # 64% is under the 70% net
     assert priority_reasons("urgent", {"urgent": 0.9, "non_urgent": 0.1}) == []
     assert priority_reasons("non_urgent", {}) == []  # no second opinion, no reason
 
@@ -95,6 +96,7 @@ def test_triage_stage_flags_a_priority_its_second_opinion_doubts_and_keeps_the_a
     assert fire_review.startswith("transcript cut to 90 of 120 characters; possible under-triage: ")
     assert fire_review.endswith("answer non_urgent")
     assert question_review.startswith("priority disagrees: similar labelled calls say not_an_emergency")
+    assert fire_review.split("; ")[1].startswith("possible under-triage: similar labelled calls say urgent (")
     # The prompt showed the two most similar labelled calls, not fixed demos.
     fire_prompt = next(last_user_text(r) for r in engine.requests if "on fire" in transcript_of(r))
     assert fire_prompt.count("[[ ## transcript ## ]]") == 1  # the demos are earlier messages

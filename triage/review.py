@@ -4,18 +4,19 @@ Each stage adds its reasons to the row's `review` column (null when there are no
 "; ", the most serious first:
 
 1. "possible under-triage: ..." the second opinion (a classifier on the labelled calls,
-   `triage.retrieval.SecondOpinion`) gives the levels more urgent than the LM's answer at
-   least `UNDER_TRIAGE_P` together. Sending help late is the costliest error, so this fires
-   well below an even chance.
-2. "priority disagrees: ..." the second opinion's own answer differs from the LM's with at
-   least `DISAGREE_P` confidence.
+   `triage.retrieval.SecondOpinion`) would answer a more urgent level than the LM, or gives
+   the levels more urgent than the LM's answer at least `UNDER_TRIAGE_P` together.
+2. "priority disagrees: ..." the second opinion would answer a less urgent level (with at
+   least `DISAGREE_P` confidence; 0: whenever it would).
 3. "answered on attempt N": earlier answers did not validate.
 4. "location not in the transcript: ..." / "subject not in the transcript: ..." (`triage.grounding`).
 5. "transcript cut ...": the reader shortened an overlong transcript (set by the reader).
 
 The thresholds were chosen on the dev split with the embedded model and the committed programs
-(`python scripts/tune_review.py`, see docs/quality.md): the fewest flags that still catch every
-under-triaged dev call and most wrong priorities.
+(`.venv/bin/python scripts/tune_review.py optimized/report.json`, docs/quality.md): no pair
+caught 70% of the 21 wrong dev priorities under 25% flagged; flagging every disagreement did
+best (19.2% flagged, 14 of 21 wrong priorities and the one under-triaged call caught), and the
+under-triage net at 70% added no flag there.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from triage.programs import PRIORITIES
 from triage.retrieval import SecondOpinion
 
 URGENT = "urgent"
-UNDER_TRIAGE_P = 0.25
-DISAGREE_P = 0.5
+UNDER_TRIAGE_P = 0.7
+DISAGREE_P = 0.0
 _FIELD_NAMES = {"location": "location", "subject_description": "subject"}
 
 
@@ -44,10 +45,12 @@ def priority_reasons(
         return []
     more_urgent = PRIORITIES[: PRIORITIES.index(priority)]
     p_higher = sum(opinion.get(level, 0.0) for level in more_urgent)
+    best = max(opinion, key=opinion.__getitem__)
+    if best in more_urgent:
+        return [f"possible under-triage: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
     if more_urgent and p_higher >= under_triage_p:
         said = more_urgent[0] if len(more_urgent) == 1 else "more urgent"
         return [f"possible under-triage: similar labelled calls say {said} ({p_higher:.0%}), answer {priority}"]
-    best = max(opinion, key=opinion.__getitem__)
     if best != priority and opinion[best] >= disagree_p:
         return [f"priority disagrees: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
     return []
