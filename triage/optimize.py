@@ -60,6 +60,7 @@ from triage.demos import (
 )
 from triage.errors import ConfigError, TriageError
 from triage.evaluation import (
+    EvaluationReport,
     Usage,
     concurrency_for,
     evaluate_programs,
@@ -339,16 +340,20 @@ def optimize(
 
     default = {t.name: ProgramSource(None, "default prompts") for t in TARGETS}
     train_pool = [example.toDict() for example in trainset]  # the baselines' labelled calls
+
+    def evaluated(programs: dict[str, ProgramSource], kind: str) -> EvaluationReport:
+        return evaluate_programs(
+            settings,
+            evalset,
+            options.eval_file,
+            programs,
+            lm_setup=setup,
+            title=lambda name: f"{kind} {name}",
+            baseline_pool=train_pool,
+        )
+
     logger.info("[1/5] evaluating the default prompts on %d %s calls", len(evalset), options.eval_split)
-    before = evaluate_programs(
-        settings,
-        evalset,
-        options.eval_file,
-        default,
-        lm_setup=setup,
-        title=lambda name: f"default {name}",
-        baseline_pool=train_pool,
-    )
+    before = evaluated(default, "default")
 
     compiled: dict[str, dspy.Module] = {}
     usage: dict[str, Usage] = {}
@@ -411,15 +416,7 @@ def optimize(
         for t in TARGETS
     }
     logger.info("[4/5] evaluating the optimized programs on %d %s calls", len(evalset), options.eval_split)
-    after = evaluate_programs(
-        settings,
-        evalset,
-        options.eval_file,
-        optimized,
-        lm_setup=setup,
-        title=lambda name: f"optimized {name}",
-        baseline_pool=train_pool,
-    )
+    after = evaluated(optimized, "optimized")
 
     if options.optimizer == "nearest" and options.eval_split == "dev":
         # Tuned and scored with train as the pool; the saved programs draw on dev's labelled calls too.
