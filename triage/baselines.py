@@ -25,7 +25,7 @@ def baseline_answers(transcripts: Sequence[str], pool: Sequence[dict[str, Any]])
     commonest = Counter(demo["category"] for demo in pool).most_common(1)[0][0]
     index = SimilarCalls(texts)
     nearest = [pool[index.most_similar(t, 1)[0][0]] for t in transcripts]
-    opinions = {name: SecondOpinion(texts, [demo[name] for demo in pool]) for name in ("priority", "category")}
+    opinions = {name: SecondOpinion.from_pool(pool, name) for name in ("priority", "category")}
 
     def second_opinion(transcript: str) -> dict[str, str]:
         answer = {}

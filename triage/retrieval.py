@@ -14,6 +14,7 @@ to carry the labelled calls themselves: every process that loads it refits the s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -58,6 +59,14 @@ class SecondOpinion:
         features = self._vectorizer.fit_transform(transcripts)
         self._model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
         self._model.fit(features, list(labels))
+
+    @classmethod
+    def from_pool(cls, pool: Sequence[dict[str, Any]], label: str) -> SecondOpinion | None:
+        """A classifier of `label` on a program's demo pool, or None when the pool holds fewer than two labels."""
+        labelled = [demo for demo in pool if isinstance(demo.get(label), str) and demo.get("transcript")]
+        if len({demo[label] for demo in labelled}) < 2:
+            return None
+        return cls([demo["transcript"] for demo in labelled], [demo[label] for demo in labelled])
 
     def probabilities(self, transcript: str) -> dict[str, float]:
         """label -> probability, for every label seen in training."""

@@ -25,9 +25,7 @@ from collections.abc import Sequence
 
 from triage.grounding import ungrounded_fields
 from triage.programs import PRIORITIES
-from triage.retrieval import SecondOpinion
 
-URGENT = "urgent"
 UNDER_TRIAGE_P = 0.7
 DISAGREE_P = 0.0
 _FIELD_NAMES = {"location": "location", "subject_description": "subject"}
@@ -69,19 +67,8 @@ def grounding_reasons(values: dict[str, str | None], transcript: str) -> list[st
 
 
 def join_reasons(*parts: str | Sequence[str] | None) -> str | None:
-    """The reasons as one `review` value: "; "-joined, None when there are none."""
+    """Reasons (or errors) as one column value: "; "-joined in order, None when there are none."""
     reasons: list[str] = []
     for part in parts:
-        if isinstance(part, str):
-            reasons.append(part)
-        elif part:
-            reasons.extend(part)
-    return "; ".join(reasons) or None
-
-
-def second_opinion_from_pool(pool: Sequence[dict], label: str = "priority") -> SecondOpinion | None:
-    """A classifier on a program's demo pool, or None when the pool holds no such labels."""
-    labelled = [demo for demo in pool if isinstance(demo.get(label), str) and demo.get("transcript")]
-    if len({demo[label] for demo in labelled}) < 2:
-        return None
-    return SecondOpinion([d["transcript"] for d in labelled], [d[label] for d in labelled])
+        reasons.extend([part] if isinstance(part, str) else part or ())
+    return "; ".join(reason for reason in reasons if reason) or None

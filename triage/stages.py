@@ -41,7 +41,8 @@ from triage.errors import first_line, redact
 from triage.lm import LMSetup, build_lm
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
-from triage.review import attempts_reason, grounding_reasons, join_reasons, priority_reasons, second_opinion_from_pool
+from triage.retrieval import SecondOpinion
+from triage.review import attempts_reason, grounding_reasons, join_reasons, priority_reasons
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 
@@ -290,7 +291,7 @@ class Stage:
             pa.string(),
         )
         columns["errors"] = pa.array(
-            [_join_errors(old, o.error) for old, o in zip(batch.column("errors").to_pylist(), outcomes, strict=True)],
+            [join_reasons(old, o.error) for old, o in zip(batch.column("errors").to_pylist(), outcomes, strict=True)],
             pa.string(),
         )
         for name in ("prompt_tokens", "completion_tokens"):
@@ -314,12 +315,6 @@ def _tokens_so_far() -> int:
     )
 
 
-def _join_errors(old: str | None, new: str | None) -> str | None:
-    if old and new:
-        return f"{old}; {new}"
-    return old or new
-
-
 class TriageStage(Stage):
     """Priority, category and summary (`CallTriager`); a second opinion on the priority for review."""
 
@@ -331,7 +326,7 @@ class TriageStage(Stage):
     def __init__(self, config: StageConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         # A classifier on the program's labelled demo pool (absent with fixed demos): fitted once per actor.
-        self.second_opinion = second_opinion_from_pool(self.program.nearest.pool)
+        self.second_opinion = SecondOpinion.from_pool(self.program.nearest.pool, "priority")
 
     def review(self, transcript: str, answer: Answer) -> list[str]:
         reasons = []
