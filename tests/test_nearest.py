@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import typing
+
 import dspy
 import pytest
+from dspy.utils.exceptions import AdapterParseError
 
-from triage.programs import CallTriager, NearestDemos, clip
+from triage.lm import GrammarJSONAdapter
+from triage.programs import CATEGORIES, CallTriager, NearestDemos, TriageCall, clip, with_choices
 
 POOL = [
     {"call_id": "fire-1", "transcript": "kitchen fire flames smoke house", "priority": "urgent", "category": "fire"},
@@ -47,11 +51,12 @@ def test_with_a_vote_the_last_demo_carries_the_neighbourhoods_labels():
 
 def test_the_pool_and_settings_survive_save_and_load(tmp_path):
     program = CallTriager()
-    program.nearest.load_state({"k": 2, "max_demo_chars": 12, "vote": 3, "pool": POOL})
+    program.nearest.load_state({"k": 2, "max_demo_chars": 12, "vote": 3, "choices": 4, "pool": POOL})
     program.save(str(tmp_path / "triager.json"))
     loaded = CallTriager()
     loaded.load(str(tmp_path / "triager.json"))
     assert (loaded.nearest.k, loaded.nearest.max_demo_chars, loaded.nearest.vote) == (2, 12, 3)
+    assert loaded.nearest.choices == 4
     assert loaded.nearest.pool == POOL
     demos = loaded.nearest.demos("kitchen fire")
     assert all(isinstance(d, dspy.Example) and len(d.transcript) <= 12 for d in demos)
@@ -62,3 +67,41 @@ def test_clip_cuts_at_a_word_boundary():
     assert clip("a short call", 100) == "a short call"
     assert clip("one two three four five", 14) == "one two ..."
     assert clip("anything", None) == "anything"
+
+
+SMOKE_AND_FLAMES = "smoke alarm kitchen toast, flames in the house, fire"
+
+
+def test_choices_are_the_labels_the_nearest_calls_carry_likeliest_first():
+    choices = NearestDemos(POOL, k=2, choices=4).neighbourhood(SMOKE_AND_FLAMES).choices
+    assert choices == {"priority": ("urgent", "non_urgent"), "category": ("fire",)}  # three urgent outweigh one
+    assert NearestDemos(POOL, k=2, choices=1).neighbourhood(SMOKE_AND_FLAMES).choices == {
+        "priority": ("non_urgent",),
+        "category": ("fire",),
+    }
+    assert NearestDemos(POOL, k=2).neighbourhood(SMOKE_AND_FLAMES).choices == {}  # off by default
+
+
+def test_with_choices_the_model_is_asked_and_held_to_the_neighbours_labels():
+    program = CallTriager()
+    program.nearest.load_state({"k": 1, "choices": 4, "pool": POOL})
+    answer = {"reasoning": "r", "priority": "urgent", "category": "fire", "summary": "s"}
+    lm = dspy.utils.DummyLM([answer], adapter=dspy.JSONAdapter())
+    with dspy.context(lm=lm, adapter=GrammarJSONAdapter()):
+        assert program(transcript=SMOKE_AND_FLAMES).priority == "urgent"
+    system = lm.history[-1]["messages"][0]["content"]
+    assert "- priority: one of urgent, non_urgent;" in system
+    assert "- category: one of fire;" in system
+    outside = dspy.utils.DummyLM([{**answer, "priority": "not_an_emergency"}], adapter=dspy.JSONAdapter())
+    with dspy.context(lm=outside, adapter=GrammarJSONAdapter()), pytest.raises(AdapterParseError):
+        program(transcript=SMOKE_AND_FLAMES)
+
+
+def test_with_choices_keeps_only_values_the_field_allows():
+    narrowed = with_choices(TriageCall, (("priority", ("non_urgent", "invented")), ("category", ("invented",))))
+    assert typing.get_args(narrowed.output_fields["priority"].annotation) == ("non_urgent",)
+    assert typing.get_args(narrowed.output_fields["category"].annotation) == CATEGORIES  # none left: its own
+    assert with_choices(TriageCall, (("summary", ("x",)),)).output_fields["summary"].annotation is str
+    assert with_choices(TriageCall, (("priority", ("urgent",)),)) is with_choices(
+        TriageCall, (("priority", ("urgent",)),)
+    )

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import triage.atomic
 import triage.demos
 import triage.optimize
-from tests.fake_provider import FakeProvider, expected_answer
+from tests.fake_provider import FakeProvider, expected_answer, format_content, parse_request
 from triage.cli import main
 from triage.demos import details_demo, is_urgent, select_covering, triage_demo, triage_features
 from triage.errors import TriageError
@@ -124,6 +125,7 @@ def test_nearest_optimize_chooses_k_on_dev_and_saves_a_pool_of_train_and_dev(pro
     train, dev = load_labeled(TRAIN, 40), load_labeled(DEV)
     # Against the fake provider every k scores the same: the smaller one wins the tie.
     assert triager.nearest.k == extractor.nearest.k == 1
+    assert triager.nearest.choices == 0  # a bound that answers no better is not kept
     assert [d["call_id"] for d in triager.nearest.pool] == [e.call_id for e in train + dev]
     assert triager.triage.predict.demos == []  # no fixed demos: each call gets its own
     # The demos for a call are its most similar labelled calls, the most similar last.
@@ -132,9 +134,36 @@ def test_nearest_optimize_chooses_k_on_dev_and_saves_a_pool_of_train_and_dev(pro
     assert demo["reasoning"] and demo["summary"] and demo["priority"] == dev[5].priority
     markdown = (out / "report.md").read_text()
     assert "- Optimizer: `nearest`" in markdown
-    assert "triage: 1 nearest demos per call (metric on eval: k=1: " in markdown
+    assert "triage: nearest demos, k=1 (metric on eval: k=1: " in markdown
+    assert "; k=1, choices=5: " in markdown  # the bound was tried with the chosen k
+    assert "extract_details: nearest demos, k=1 (metric on eval: k=1: " in markdown
+    assert "choices" not in markdown.split("extract_details: nearest demos")[1].split("\n")[0]  # no labels to bound
     assert f"the saved programs' pool adds {DEV} ({len(train) + len(dev)} labelled calls)" in markdown
     assert "| nearest labelled call |" in markdown and "| always urgent |" in markdown
+
+
+FIRST_ALLOWED = re.compile(r"^\{(\w+)\}.*one of: ([\w;\s]+)$", re.MULTILINE)
+
+
+def first_allowed_labels(body: dict) -> str:
+    """A reply that takes, for each field with a fixed set of labels, the first one the prompt allows."""
+    request = parse_request(body)
+    first = {name: values.split(";")[0].strip() for name, values in FIRST_ALLOWED.findall(request.system)}
+    answer = expected_answer(request.answer_key)
+    return format_content({name: first.get(name, answer.get(name, "n/a")) for name in request.fields}, False)
+
+
+def test_nearest_optimize_keeps_the_neighbours_bound_when_it_scores_better(tmp_path):
+    # The first allowed label is "urgent" without a bound and the neighbours' likeliest label with it.
+    with FakeProvider(handler=first_allowed_labels) as provider:
+        optimize(fake_settings(provider), options(tmp_path, k_candidates=(1,), choices_candidates=(3,), max_eval=12))
+    triager, extractor = CallTriager(), DetailExtractor()
+    triager.load_state(ProgramSource.load(tmp_path / "optimized", "triager.json").state)
+    extractor.load_state(ProgramSource.load(tmp_path / "optimized", "detail_extractor.json").state)
+    assert (triager.nearest.k, triager.nearest.choices) == (1, 3)
+    assert extractor.nearest.choices == 0
+    report = json.loads((tmp_path / "optimized" / "report.json").read_text())
+    assert "triage: nearest demos, k=1, choices=3 (metric on eval: k=1: " in "\n".join(report["notes"])
 
 
 def write_old_files(out: Path) -> None:

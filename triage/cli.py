@@ -164,6 +164,14 @@ def _add_evaluate_and_optimize(commands: argparse._SubParsersAction) -> None:
         "--k", type=int, nargs="+", default=[1, 2], help="nearest: demos per call to try on the eval split [1 2]"
     )
     optimize.add_argument(
+        "--choices",
+        type=int,
+        nargs="+",
+        default=[5],
+        help="nearest: the triager's labels may be bounded by those of its N nearest calls; "
+        "each N is tried on the eval split against no bound (0 alone: never bound) [5]",
+    )
+    optimize.add_argument(
         "--max-demo-chars", type=int, default=300, help="nearest: demo transcripts are cut to this [%(default)s]"
     )
     add_setting_flags(optimize, SETTING_FLAGS["optimize"], {"optimized_dir": "output-dir"})
@@ -191,6 +199,7 @@ def _optimize(settings: Settings, args: argparse.Namespace) -> str:
         max_eval=args.max_eval,
         demos=args.demos,
         k_candidates=tuple(args.k),
+        choices_candidates=tuple(args.choices),
         max_demo_chars=args.max_demo_chars,
     )
     return optimize(settings, options).line()

@@ -71,7 +71,7 @@ from triage.evaluation import (
 from triage.lm import LMSetup, build_lm
 from triage.metrics import details_feedback, details_metric, percent, triage_feedback, triage_metric
 from triage.optimize_report import OptimizeResult
-from triage.programs import CallTriager, DetailExtractor
+from triage.programs import CallTriager, DetailExtractor, literal_choices
 from triage.retrieval import SimilarCalls, weighted_vote
 from triage.settings import Settings, provider_of, resolve_settings
 from triage.stages import ExtractDetailsStage, ProgramSource, Stage, TriageStage, program_label
@@ -106,6 +106,7 @@ class OptimizeOptions:
     max_demo_chars: int | None = 300  # nearest: demo transcripts are cut to this (prompt length is the cost)
     vote_candidates: tuple[int, ...] = (1, 3, 5, 7, 10)  # nearest: neighbours whose vote picks the last demo
     vote: int = 0  # set by `optimize` from vote_candidates
+    choices_candidates: tuple[int, ...] = (5,)  # nearest: neighbours whose labels bound the triager's answer
     seed: int = 0
 
     @property
@@ -128,6 +129,8 @@ class OptimizeOptions:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if not self.k_candidates:
             raise ConfigError("--k needs at least one value")
+        if any(n < 0 for n in self.choices_candidates):
+            raise ConfigError("--choices must be 0 (off) or more")
 
 
 def reflection_settings(settings: Settings, model: str) -> Settings:
@@ -241,14 +244,31 @@ def compile_target(
     return optimizer.compile(student, trainset=demos)
 
 
+@dataclass(frozen=True)
+class NearestChoice:
+    """The per-call demo settings `optimize` chose for one program (see `NearestDemos`)."""
+
+    k: int
+    choices: int = 0
+
+    def describe(self) -> str:
+        return f"k={self.k}" + (f", choices={self.choices}" if self.choices else "")
+
+
 def nearest_program(
-    target: Target, examples: list[dspy.Example], k: int, max_demo_chars: int | None, vote: int = 0
+    target: Target, examples: list[dspy.Example], chosen: NearestChoice, max_demo_chars: int | None, vote: int = 0
 ) -> dspy.Module:
     """The target's module with `examples` as its nearest-demo pool."""
     program = target.module_class()
-    pool = nearest_pool(examples, target.demo)
-    program.nearest.load_state({"k": k, "max_demo_chars": max_demo_chars, "vote": vote, "pool": pool})
+    state = {"k": chosen.k, "max_demo_chars": max_demo_chars, "vote": vote, "choices": chosen.choices}
+    program.nearest.load_state({**state, "pool": nearest_pool(examples, target.demo)})
     return program
+
+
+def has_choices(target: Target) -> bool:
+    """Whether the target answers a field with a fixed set of labels, which neighbours can bound."""
+    predictor = target.module_class().predictors()[0]
+    return any(literal_choices(field.annotation) for field in predictor.signature.output_fields.values())
 
 
 def choose_vote(
@@ -274,23 +294,39 @@ def choose_nearest(
     evalset: list[dspy.Example],
     settings: Settings,
     setup: LMSetup,
-) -> tuple[int, dict[int, float]]:
-    """The number of nearest demos (of `options.k_candidates`) with the best mean metric on `evalset`.
+) -> tuple[NearestChoice, dict[NearestChoice, float]]:
+    """The nearest-demo settings with the best mean metric on `evalset`: first the number of demos
+    (of `options.k_candidates`), then, for a program with labels, whether the neighbours' labels
+    bound its answer (`options.choices_candidates`, against none).
 
     The pool is the train split only, so no evaluated call is shown itself. Ties go to the smaller
-    k, the shorter prompt.
+    k (the shorter prompt) and to no bound.
     """
-    scores: dict[int, float] = {}
-    for k in sorted(options.k_candidates):
-        program = nearest_program(target, trainset, k, options.max_demo_chars, options.vote)
-        source = ProgramSource(program.dump_state(), f"{k} nearest demos")
-        run = run_module(target.stage, settings, setup, source, evalset, title=f"{target.name}, k={k}")
-        scores[k] = sum(
+    scores: dict[NearestChoice, float] = {}
+
+    def score(chosen: NearestChoice) -> float:
+        program = nearest_program(target, trainset, chosen, options.max_demo_chars, options.vote)
+        source = ProgramSource(program.dump_state(), f"nearest demos, {chosen.describe()}")
+        run = run_module(target.stage, settings, setup, source, evalset, title=f"{target.name}, {chosen.describe()}")
+        scores[chosen] = sum(
             target.metric(example, prediction) if prediction is not None else 0.0
             for example, prediction in zip(evalset, run.predictions, strict=True)
         ) / len(evalset)
-        logger.info("      %s with %d nearest demos: metric %s", target.name, k, percent(scores[k]))
-    return max(scores, key=lambda k: (scores[k], -k)), scores
+        logger.info("      %s with %s: metric %s", target.name, chosen.describe(), percent(scores[chosen]))
+        return scores[chosen]
+
+    def best(candidates: list[NearestChoice]) -> NearestChoice:
+        return max(candidates, key=lambda c: (scores[c], -c.k, -c.choices))
+
+    by_k = [NearestChoice(k) for k in sorted(options.k_candidates)]
+    for chosen in by_k:
+        score(chosen)
+    k = best(by_k).k
+    bounded = [NearestChoice(k, n) for n in sorted(set(options.choices_candidates)) if n > 0]
+    if has_choices(target):
+        for chosen in bounded:
+            score(chosen)
+    return best(list(scores)), scores
 
 
 def program_json(program: dspy.Module, provenance: dict[str, Any]) -> str:
@@ -357,7 +393,7 @@ def optimize(
 
     compiled: dict[str, dspy.Module] = {}
     usage: dict[str, Usage] = {}
-    chosen_k: dict[str, int] = {}
+    chosen: dict[str, NearestChoice] = {}
     notes: list[str] = []
     if options.optimizer == "nearest":
         vote, by_vote = choose_vote(trainset, evalset, options.vote_candidates)
@@ -382,12 +418,14 @@ def optimize(
             contextlib.redirect_stdout(sys.stderr),
         ):
             if options.optimizer == "nearest":
-                chosen_k[target.name], by_k = choose_nearest(target, options, trainset, evalset, settings, setup)
+                chosen[target.name], tried_scores = choose_nearest(target, options, trainset, evalset, settings, setup)
                 compiled[target.name] = nearest_program(
-                    target, trainset, chosen_k[target.name], options.max_demo_chars, options.vote
+                    target, trainset, chosen[target.name], options.max_demo_chars, options.vote
                 )
-                tried = ", ".join(f"k={k}: {percent(score)}" for k, score in by_k.items())
-                notes.append(f"{target.name}: {chosen_k[target.name]} nearest demos per call (metric on eval: {tried})")
+                tried = "; ".join(f"{c.describe()}: {percent(score)}" for c, score in tried_scores.items())
+                notes.append(
+                    f"{target.name}: nearest demos, {chosen[target.name].describe()} (metric on eval: {tried})"
+                )
             else:
                 compiled[target.name] = compile_target(
                     target, options, trainset, threads=threads, reflection_lm=reflection_lm
@@ -422,7 +460,7 @@ def optimize(
         # Tuned and scored with train as the pool; the saved programs draw on dev's labelled calls too.
         pool = trainset + load_labeled(options.dev)
         for target in TARGETS:
-            program = nearest_program(target, pool, chosen_k[target.name], options.max_demo_chars, options.vote)
+            program = nearest_program(target, pool, chosen[target.name], options.max_demo_chars, options.vote)
             texts[target.name] = program_json(program, {**provenance, "pool": [options.train, options.dev]})
         notes.append(
             f"The figures above use the {len(trainset)} train calls as the demo pool; the saved programs' pool "

@@ -7,9 +7,11 @@ called directly, evaluated, and compiled by DSPy's optimizers. The Ray stages in
 
 from __future__ import annotations
 
+import functools
 import threading
 import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import dspy
@@ -61,6 +63,14 @@ class ExtractDetails(dspy.Signature):
 NEAREST_DEMOS_KEY = "nearest_demos"
 
 
+@dataclass(frozen=True)
+class Neighbourhood:
+    """What the labelled calls most similar to one transcript say about it."""
+
+    demos: list[dspy.Example] = field(default_factory=list)  # the demos to show, the most similar last
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # output field -> the labels it may take
+
+
 class NearestDemos:
     """Per-call demos: the `k` labelled calls most similar to the transcript, the most similar last.
 
@@ -78,15 +88,27 @@ class NearestDemos:
     wins their similarity-weighted vote. A small model copies the labels of the demo it read
     last, and the vote of five neighbours is right more often than the single nearest call
     (priority on dev: 86.3% against 78.1%, train as the pool).
+
+    With `choices` > 0 the answer's priority and category are chosen among the labels that the
+    `choices` most similar calls carry (listed by their summed similarity, the likeliest first),
+    instead of among all labels: the prompt says so and a constrained decoder enforces it. The
+    model still decides whenever the neighbours disagree; when they all agree, the label is
+    theirs. `optimize` turns it on only if it scores better on dev.
     """
 
     def __init__(
-        self, pool: Sequence[dict[str, Any]] = (), k: int = 3, max_demo_chars: int | None = None, vote: int = 0
+        self,
+        pool: Sequence[dict[str, Any]] = (),
+        k: int = 3,
+        max_demo_chars: int | None = None,
+        vote: int = 0,
+        choices: int = 0,
     ) -> None:
         self.pool = [dict(demo) for demo in pool]
         self.k = k
         self.max_demo_chars = max_demo_chars
         self.vote = vote
+        self.choices = choices
         self._index: SimilarCalls | None = None
         self._lock = threading.Lock()
 
@@ -95,20 +117,34 @@ class NearestDemos:
         return bool(self.pool) and self.k > 0
 
     def dump_state(self) -> dict[str, Any]:
-        return {"k": self.k, "max_demo_chars": self.max_demo_chars, "vote": self.vote, "pool": self.pool}
+        state = {"k": self.k, "max_demo_chars": self.max_demo_chars, "vote": self.vote, "pool": self.pool}
+        if self.choices:
+            state["choices"] = self.choices
+        return state
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         state = state or {}
-        self.__init__(state.get("pool", ()), state.get("k", 3), state.get("max_demo_chars"), state.get("vote", 0))
+        self.__init__(
+            state.get("pool", ()),
+            state.get("k", 3),
+            state.get("max_demo_chars"),
+            state.get("vote", 0),
+            state.get("choices", 0),
+        )
+
+    def _most_similar(self, transcript: str, n: int) -> list[tuple[int, float]]:
+        with self._lock:
+            if self._index is None:
+                self._index = SimilarCalls([demo["transcript"] for demo in self.pool])
+        return self._index.most_similar(transcript, n)
 
     def nearest(self, transcript: str) -> list[tuple[dict[str, Any], float]]:
         """(demo, similarity) of the k most similar pool calls, the most similar last."""
         if not self.active:
             return []
-        with self._lock:
-            if self._index is None:
-                self._index = SimilarCalls([demo["transcript"] for demo in self.pool])
-        found = self._index.most_similar(transcript, max(self.k, self.vote))
+        return self._chosen(self._most_similar(transcript, max(self.k, self.vote)))
+
+    def _chosen(self, found: list[tuple[int, float]]) -> list[tuple[dict[str, Any], float]]:
         chosen = found[: self.k]
         voice = self._voice(found[: self.vote])
         if voice is not None:  # it goes last; the others stay the most similar ones
@@ -130,15 +166,53 @@ class NearestDemos:
                     return found
         return None
 
+    def _choices(self, neighbours: list[tuple[int, float]]) -> dict[str, tuple[str, ...]]:
+        """Per label, the values the neighbours carry, by summed similarity (ties: the nearer call's first)."""
+        choices = {}
+        for label in ("priority", "category"):
+            totals: dict[str, float] = {}
+            for i, similarity in neighbours:
+                value = self.pool[i].get(label)
+                if isinstance(value, str):
+                    totals[value] = totals.get(value, 0.0) + similarity
+            if totals:
+                choices[label] = tuple(sorted(totals, key=lambda value: -totals[value]))  # stable: nearer first
+        return choices
+
+    def neighbourhood(self, transcript: str) -> Neighbourhood:
+        """The demos to show for `transcript` (cut to `max_demo_chars`) and the labels its answer may take."""
+        if not self.active:
+            return Neighbourhood()
+        found = self._most_similar(transcript, max(self.k, self.vote, self.choices))
+        demos = [
+            dspy.Example(**{**demo, "transcript": clip(demo["transcript"], self.max_demo_chars)})
+            for demo, _ in self._chosen(found)
+        ]
+        return Neighbourhood(demos, self._choices(found[: self.choices]) if self.choices > 0 else {})
+
     def demos(self, transcript: str) -> list[dspy.Example]:
         """The demos to show for `transcript`, their transcripts cut to `max_demo_chars`."""
-        return [
-            dspy.Example(**{**demo, "transcript": clip(demo["transcript"], self.max_demo_chars)})
-            for demo, _ in self.nearest(transcript)
-        ]
+        return self.neighbourhood(transcript).demos
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NearestDemos:
-        return NearestDemos(self.pool, self.k, self.max_demo_chars, self.vote)  # the index is rebuilt on use
+        return NearestDemos(self.pool, self.k, self.max_demo_chars, self.vote, self.choices)  # index rebuilt on use
+
+
+@functools.lru_cache(maxsize=1024)
+def with_choices(
+    signature: type[dspy.Signature], choices: tuple[tuple[str, tuple[str, ...]], ...]
+) -> type[dspy.Signature]:
+    """`signature` with each named `Literal` output field limited to the given values, in that order.
+
+    Values the field does not allow are dropped; a field left with none keeps its own choices.
+    Cached: one class per combination, so prompts and adapters' caches see the same signature.
+    """
+    for name, values in choices:
+        allowed = literal_choices(signature.output_fields[name].annotation) if name in signature.output_fields else None
+        kept = tuple(value for value in values if value in (allowed or ()))
+        if kept:
+            signature = signature.with_updated_fields(name, type_=Literal[kept])
+    return signature
 
 
 def clip(text: str, max_chars: int | None) -> str:
@@ -158,8 +232,15 @@ class _NearestDemosModule(dspy.Module):
         super().__init__()
         self.nearest = NearestDemos()
 
-    def _demos(self, transcript: str) -> dict[str, Any]:
-        return {"demos": self.nearest.demos(transcript)} if self.nearest.active else {}
+    def _call_options(self, predictor: dspy.Predict, transcript: str) -> dict[str, Any]:
+        """The per-call demos and, with `choices`, the signature whose labels the neighbours allow."""
+        if not self.nearest.active:
+            return {}
+        neighbourhood = self.nearest.neighbourhood(transcript)
+        options: dict[str, Any] = {"demos": neighbourhood.demos}
+        if neighbourhood.choices:
+            options["signature"] = with_choices(predictor.signature, tuple(sorted(neighbourhood.choices.items())))
+        return options
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
         state = super().dump_state(json_mode=json_mode)
@@ -181,10 +262,10 @@ class CallTriager(_NearestDemosModule):
         self.triage = dspy.ChainOfThought(TriageCall)
 
     def forward(self, transcript: str) -> dspy.Prediction:
-        return self.triage(transcript=transcript, **self._demos(transcript))
+        return self.triage(transcript=transcript, **self._call_options(self.triage.predict, transcript))
 
     async def aforward(self, transcript: str) -> dspy.Prediction:
-        return await self.triage.acall(transcript=transcript, **self._demos(transcript))
+        return await self.triage.acall(transcript=transcript, **self._call_options(self.triage.predict, transcript))
 
 
 class DetailExtractor(_NearestDemosModule):
@@ -195,7 +276,7 @@ class DetailExtractor(_NearestDemosModule):
         self.extract = dspy.ChainOfThought(ExtractDetails)
 
     def forward(self, transcript: str) -> dspy.Prediction:
-        return self.extract(transcript=transcript, **self._demos(transcript))
+        return self.extract(transcript=transcript, **self._call_options(self.extract.predict, transcript))
 
     async def aforward(self, transcript: str) -> dspy.Prediction:
-        return await self.extract.acall(transcript=transcript, **self._demos(transcript))
+        return await self.extract.acall(transcript=transcript, **self._call_options(self.extract.predict, transcript))
