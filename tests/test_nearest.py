@@ -105,3 +105,12 @@ def test_with_choices_keeps_only_values_the_field_allows():
     assert with_choices(TriageCall, (("priority", ("urgent",)),)) is with_choices(
         TriageCall, (("priority", ("urgent",)),)
     )
+
+
+def test_a_label_with_too_small_a_share_of_the_neighbours_is_no_choice():
+    shares = NearestDemos(POOL, k=2, choices=4, choice_share=0.45).neighbourhood(SMOKE_AND_FLAMES).choices
+    assert shares["priority"] == ("urgent",)  # the one non-urgent call holds 40% of the similarity
+    kept = NearestDemos(POOL, k=2, choices=4, choice_share=0.1).neighbourhood(SMOKE_AND_FLAMES).choices
+    assert kept["priority"] == ("urgent", "non_urgent")
+    everything = NearestDemos(POOL, k=2, choices=4, choice_share=1.0).neighbourhood(SMOKE_AND_FLAMES).choices
+    assert everything["priority"] == ("urgent",)  # the likeliest always stays

@@ -163,7 +163,10 @@ def test_nearest_optimize_keeps_the_neighbours_bound_when_it_scores_better(tmp_p
     assert (triager.nearest.k, triager.nearest.choices) == (1, 3)
     assert extractor.nearest.choices == 0
     report = json.loads((tmp_path / "optimized" / "report.json").read_text())
-    assert "triage: nearest demos, k=1, choices=3 (metric on eval: k=1: " in "\n".join(report["notes"])
+    share = triager.nearest.choice_share
+    assert share in OptimizeOptions().choice_share_candidates
+    bound = "k=1, choices=3" + (f" (share >= {share:g})" if share else "")
+    assert f"triage: nearest demos, {bound} (metric on eval: k=1: " in "\n".join(report["notes"])
 
 
 def write_old_files(out: Path) -> None:

@@ -71,7 +71,7 @@ from triage.evaluation import (
 from triage.lm import LMSetup, build_lm
 from triage.metrics import details_feedback, details_metric, percent, triage_feedback, triage_metric
 from triage.optimize_report import OptimizeResult
-from triage.programs import CallTriager, DetailExtractor, literal_choices
+from triage.programs import CallTriager, DetailExtractor, NearestDemos, literal_choices
 from triage.retrieval import SimilarCalls, weighted_vote
 from triage.settings import Settings, provider_of, resolve_settings
 from triage.stages import ExtractDetailsStage, ProgramSource, Stage, TriageStage, program_label
@@ -107,6 +107,7 @@ class OptimizeOptions:
     vote_candidates: tuple[int, ...] = (1, 3, 5, 7, 10)  # nearest: neighbours whose vote picks the last demo
     vote: int = 0  # set by `optimize` from vote_candidates
     choices_candidates: tuple[int, ...] = (5,)  # nearest: neighbours whose labels bound the triager's answer
+    choice_share_candidates: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4, 0.5)  # chosen offline, see choose_choice_share
     seed: int = 0
 
     @property
@@ -250,9 +251,11 @@ class NearestChoice:
 
     k: int
     choices: int = 0
+    choice_share: float = 0.0
 
     def describe(self) -> str:
-        return f"k={self.k}" + (f", choices={self.choices}" if self.choices else "")
+        bound = f", choices={self.choices}" + (f" (share >= {self.choice_share:g})" if self.choice_share else "")
+        return f"k={self.k}" + (bound if self.choices else "")
 
 
 def nearest_program(
@@ -260,7 +263,13 @@ def nearest_program(
 ) -> dspy.Module:
     """The target's module with `examples` as its nearest-demo pool."""
     program = target.module_class()
-    state = {"k": chosen.k, "max_demo_chars": max_demo_chars, "vote": vote, "choices": chosen.choices}
+    state = {
+        "k": chosen.k,
+        "max_demo_chars": max_demo_chars,
+        "vote": vote,
+        "choices": chosen.choices,
+        "choice_share": chosen.choice_share,
+    }
     program.nearest.load_state({**state, "pool": nearest_pool(examples, target.demo)})
     return program
 
@@ -285,6 +294,41 @@ def choose_vote(
             right += weighted_vote(votes) == example.priority
         scores[n] = right / len(evalset)
     return max(scores, key=lambda n: (scores[n], -n)), scores
+
+
+PRIORITY_ORDER = ("urgent", "non_urgent", "not_an_emergency")
+MIN_URGENT_RECALL = 0.95
+
+
+def choose_choice_share(
+    trainset: list[dspy.Example], evalset: list[dspy.Example], n: int, candidates: tuple[float, ...]
+) -> tuple[float, dict[float, float]]:
+    """The smallest share of the `n` neighbours' similarity a priority needs to stay a choice.
+
+    Chosen without the LM, for the LM that leans hardest toward urgent: it is assumed to take the
+    most urgent priority left. Of the shares whose eval urgent recall stays >= 0.95 under that
+    assumption, the one with the best accuracy (ties: the smaller share, more left to the model).
+    """
+    probe = NearestDemos(
+        [{"transcript": e.transcript, "priority": e.priority, "category": e.category} for e in trainset],
+        k=1,
+        choices=n,
+    )
+    scores: dict[float, float] = {}
+    for share in sorted(set(candidates)):
+        probe.choice_share = share
+        right = urgent = urgent_kept = 0
+        for example in evalset:
+            allowed = probe.neighbourhood(example.transcript).choices.get("priority", PRIORITY_ORDER)
+            answer = min(allowed, key=PRIORITY_ORDER.index)
+            right += answer == example.priority
+            urgent += example.priority == "urgent"
+            urgent_kept += example.priority == "urgent" and answer == "urgent"
+        if urgent == 0 or urgent_kept / urgent >= MIN_URGENT_RECALL:
+            scores[share] = right / len(evalset)
+    if not scores:
+        return 0.0, {}
+    return max(scores, key=lambda share: (scores[share], -share)), scores
 
 
 def choose_nearest(
@@ -316,13 +360,17 @@ def choose_nearest(
         return scores[chosen]
 
     def best(candidates: list[NearestChoice]) -> NearestChoice:
-        return max(candidates, key=lambda c: (scores[c], -c.k, -c.choices))
+        return max(candidates, key=lambda c: (scores[c], -c.k, -c.choices, c.choice_share))
 
     by_k = [NearestChoice(k) for k in sorted(options.k_candidates)]
     for chosen in by_k:
         score(chosen)
     k = best(by_k).k
-    bounded = [NearestChoice(k, n) for n in sorted(set(options.choices_candidates)) if n > 0]
+    bounded = [
+        NearestChoice(k, n, choose_choice_share(trainset, evalset, n, options.choice_share_candidates)[0])
+        for n in sorted(set(options.choices_candidates))
+        if n > 0
+    ]
     if has_choices(target):
         for chosen in bounded:
             score(chosen)

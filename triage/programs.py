@@ -91,9 +91,10 @@ class NearestDemos:
 
     With `choices` > 0 the answer's priority and category are chosen among the labels that the
     `choices` most similar calls carry (listed by their summed similarity, the likeliest first),
-    instead of among all labels: the prompt says so and a constrained decoder enforces it. The
-    model still decides whenever the neighbours disagree; when they all agree, the label is
-    theirs. `optimize` turns it on only if it scores better on dev.
+    instead of among all labels: the prompt says so and a constrained decoder enforces it. A label
+    stays a choice if it holds at least `choice_share` of the neighbours' summed similarity (the
+    likeliest always stays). The model decides whenever more than one label is left; when one is,
+    the label is the neighbours'. `optimize` turns it on only if it scores better on dev.
     """
 
     def __init__(
@@ -103,12 +104,14 @@ class NearestDemos:
         max_demo_chars: int | None = None,
         vote: int = 0,
         choices: int = 0,
+        choice_share: float = 0.0,
     ) -> None:
         self.pool = [dict(demo) for demo in pool]
         self.k = k
         self.max_demo_chars = max_demo_chars
         self.vote = vote
         self.choices = choices
+        self.choice_share = choice_share
         self._index: SimilarCalls | None = None
         self._lock = threading.Lock()
 
@@ -119,7 +122,7 @@ class NearestDemos:
     def dump_state(self) -> dict[str, Any]:
         state = {"k": self.k, "max_demo_chars": self.max_demo_chars, "vote": self.vote, "pool": self.pool}
         if self.choices:
-            state["choices"] = self.choices
+            state |= {"choices": self.choices, "choice_share": self.choice_share}
         return state
 
     def load_state(self, state: dict[str, Any] | None) -> None:
@@ -130,6 +133,7 @@ class NearestDemos:
             state.get("max_demo_chars"),
             state.get("vote", 0),
             state.get("choices", 0),
+            state.get("choice_share", 0.0),
         )
 
     def _most_similar(self, transcript: str, n: int) -> list[tuple[int, float]]:
@@ -176,7 +180,9 @@ class NearestDemos:
                 if isinstance(value, str):
                     totals[value] = totals.get(value, 0.0) + similarity
             if totals:
-                choices[label] = tuple(sorted(totals, key=lambda value: -totals[value]))  # stable: nearer first
+                ranked = sorted(totals, key=lambda value: -totals[value])  # stable: the nearer call's first
+                whole = sum(totals.values()) or 1.0
+                choices[label] = tuple(v for v in ranked if totals[v] / whole >= self.choice_share) or tuple(ranked[:1])
         return choices
 
     def neighbourhood(self, transcript: str) -> Neighbourhood:
@@ -195,7 +201,9 @@ class NearestDemos:
         return self.neighbourhood(transcript).demos
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NearestDemos:
-        return NearestDemos(self.pool, self.k, self.max_demo_chars, self.vote, self.choices)  # index rebuilt on use
+        return NearestDemos(
+            self.pool, self.k, self.max_demo_chars, self.vote, self.choices, self.choice_share
+        )  # the index is rebuilt on use
 
 
 @functools.lru_cache(maxsize=1024)
