@@ -17,6 +17,8 @@ name). The default is a name DSPy's bundled model table knows, as a real run's w
 a name it does not know, plain DSPy scans the whole table twice per call, which more than
 halved the plain-DSPy design's rate here (47 against 90 rows/s over 3,000 rows).
 
+Whether the simulated provider itself keeps up with this load: `scripts/bench_provider.py`.
+
 Usage: python scripts/bench.py [--rows N] [--latency S] [--concurrency C] [--rpm R] [--designs a,b,c]
        [--model openai/gpt-4.1-mini]
 """

@@ -88,6 +88,7 @@ def test_manifest_is_written_atomically_and_cost_is_known_or_none(tmp_path):
     assert estimated_cost("local/smollm2-135m", 1000, 1000) == 0.0
     assert estimated_cost("openai/no-such-model-xyz", 1000, 1000) is None
     assert estimated_cost("openai/gpt-4.1-mini", 1_000_000, 0) > 0
+    assert estimated_cost("anthropic/claude-sonnet-4-6", 1_000_000, 0) > 0  # the provider, then the model's name
 
 
 def test_priority_and_category_read_back_as_categoricals_with_every_level(tmp_path):

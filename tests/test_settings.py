@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from tests.test_cli import triage_cli
 from triage.cli import main
 from triage.errors import ConfigError
-from triage.settings import DEFAULT_MODEL, Settings, provider_of, resolve_settings
+from triage.settings import DEFAULT_MODEL, Settings, provider_of, resolve_settings, split_model
 
 
 def test_precedence_flag_over_environment_over_dotenv_over_default(tmp_path, monkeypatch):
@@ -78,6 +78,9 @@ def test_the_provider_is_the_model_strings_prefix():
     assert provider_of("openai/org/model") == "openai"
     assert provider_of("gpt-4.1-mini") == "openai"  # DSPy's default provider
     assert Settings(model=DEFAULT_MODEL).provider == "local"
+    # The one parser also gives the model's name, which the price list is looked up by (triage.manifest).
+    assert split_model("openai/org/model") == ("openai", "org/model")
+    assert split_model("gpt-4.1-mini") == ("openai", "gpt-4.1-mini")
 
 
 def test_the_key_never_shows(caplog, monkeypatch):

@@ -87,12 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> str:
+    from triage.native_stderr import without_ray_false_alarm
     from triage.pipeline import run, stop_ray
 
-    try:
-        return run(settings, verbose=args.verbose).line()
-    finally:
-        stop_ray()
+    with without_ray_false_alarm():
+        try:
+            return run(settings, verbose=args.verbose).line()
+        finally:
+            stop_ray()
 
 
 def _with_settings(

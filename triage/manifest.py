@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from triage.atomic import atomic_write_text
+from triage.local import is_local_model
+from triage.settings import split_model
 
 MANIFEST_NAME = "_manifest.json"
 PACKAGES = ("triage", "dspy", "ray", "pyarrow", "pandas", "tenacity", "cyllama")
@@ -35,9 +37,9 @@ def price_per_token(model: str) -> tuple[float, float] | None:
     That list is LiteLLM's, read through DSPy (importing LiteLLM itself costs seconds). The
     embedded model costs nothing; a model the list does not know gets no estimate.
     """
-    if model.startswith("local/"):
+    if is_local_model(model):
         return (0.0, 0.0)
-    provider, _, name = model.partition("/")
+    provider, name = split_model(model)
     if not name:
         return None
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # the bundled list, no download

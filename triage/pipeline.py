@@ -113,9 +113,6 @@ def init_ray(*, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    if not verbose:
-        # The core worker's C++ log lines (e.g. about constructor arguments) go straight to stderr.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     address = os.environ.get("RAY_ADDRESS")
     runtime_env: dict[str, Any] | None = None
     if address:
@@ -287,7 +284,8 @@ def _triage(
     )
     for stage, plan in zip(STAGES, plans, strict=True):
         program = programs[stage.name]
-        logger.info(
+        logger.log(
+            logging.INFO if verbose else logging.DEBUG,
             "%s stage: %d actor(s) x %d request(s) in flight, program %s",
             stage.name,
             plan.actors,

@@ -25,9 +25,15 @@ DEFAULT_MODEL = "local/smollm2-135m"
 PROVIDER_KEY_VARIABLES = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
+def split_model(model: str) -> tuple[str, str]:
+    """(provider, model name) of a DSPy model string, split at the first "/" (`openai` when there is none)."""
+    provider, slash, name = model.partition("/")
+    return (provider, name) if slash else ("openai", model)
+
+
 def provider_of(model: str) -> str:
     """The provider of a DSPy model string: the part before the first "/" (`openai` when there is none)."""
-    return model.split("/", 1)[0] if "/" in model else "openai"
+    return split_model(model)[0]
 
 
 def _flag(default: Any, description: str, **constraints: Any) -> Any:

@@ -86,7 +86,7 @@ def tokens_by_model(calls: pd.DataFrame) -> pd.DataFrame:
     return grouped.sort_values("calls", ascending=False)
 
 
-def estimated_cost(manifest: Manifest | None) -> tuple[str, str]:
+def cost_display(manifest: Manifest | None) -> tuple[str, str]:
     """The cost headline and how it was found, from the manifest's first numeric key naming a cost."""
     if manifest is None:
         return "n/a", "no manifest"

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from triage.errors import InputError, redact
+from triage.errors import InputError, first_line, redact
 from triage.manifest import MANIFEST_NAME
 from triage.programs import CATEGORIES, PRIORITIES
 from triage.schema import OUTPUT_COLUMNS, OUTPUT_SCHEMA
@@ -104,7 +104,7 @@ def _read_table(source: Path) -> pa.Table:
         if dataset.files:
             return dataset.to_table()
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(f"input {source} is not a readable Parquet dataset ({_first_line(exc)})") from None
+        raise InputError(f"input {source} is not a readable Parquet dataset ({first_line(exc)})") from None
     if not (source / MANIFEST_NAME).is_file():
         raise InputError(f"input {source} holds no Parquet files: not a triage dataset")
     return OUTPUT_SCHEMA.empty_table()  # a run with no rows: its manifest, no part files
@@ -136,7 +136,7 @@ def read_manifest(folder: Path) -> Manifest | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        manifest.problem = redact(_first_line(exc))
+        manifest.problem = redact(first_line(exc))
         return manifest
     for key, value in flatten(data if isinstance(data, dict) else {"manifest": data}):
         if not key:  # an empty manifest: nothing to show
@@ -171,8 +171,3 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

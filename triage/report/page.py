@@ -21,8 +21,8 @@ from triage.errors import TriageError
 from triage.manifest import MANIFEST_NAME
 from triage.report.aggregation import (
     NOT_TRIAGED,
+    cost_display,
     error_kinds,
-    estimated_cost,
     priority_by_category,
     tokens_by_model,
 )
@@ -64,7 +64,7 @@ def _stat(name: str, value: str, label: str, note: str = "", tone: str = "") -> 
 def headline(report: Report) -> str:
     calls = report.calls
     total, urgent, failed, review = len(calls), len(report.urgent), report.with_errors, len(report.needs_review)
-    cost, cost_note = estimated_cost(report.manifest)
+    cost, cost_note = cost_display(report.manifest)
     stats = [
         _stat("calls", _number(total), "calls"),
         _stat("urgent", _number(urgent), "urgent", _percent(urgent, total), "alert" if urgent else ""),
@@ -268,7 +268,7 @@ def tokens_table(report: Report) -> str:
         f'<td class="num">{_number((r.prompt_tokens + r.completion_tokens) / r.calls)}</td></tr>'
         for model, r in by_model.iterrows()
     )
-    cost, note = estimated_cost(report.manifest)
+    cost, note = cost_display(report.manifest)
     return (
         '<table class="tokens" id="tokens"><thead><tr><th>model</th><th>calls</th><th>tokens in</th>'
         f"<th>tokens out</th><th>tokens per call</th></tr></thead><tbody>{body}</tbody></table>"
