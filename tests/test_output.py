@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 
+from triage.cost import estimated_cost
 from triage.errors import ConfigError
-from triage.manifest import estimated_cost, write_manifest
+from triage.manifest import write_manifest
 from triage.progress import Progress
 from triage.schema import OUTPUT_SCHEMA
 from triage.sink import PartWriter, completed_ids, prepare_output_folder, read_output

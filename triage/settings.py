@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     limit: int | None = _flag(None, "triage only the first N input rows", ge=0)
     rpm: float | None = _flag(None, "LM requests per minute for the whole run, all workers together", gt=0)
     tpm: float | None = _flag(None, "LM tokens per minute for the whole run, all workers together", gt=0)
+    max_cost: float | None = _flag(
+        None, "USD this run may spend: refused above it (estimated first), stopped at it (counted)", gt=0
+    )
     max_retries: int = Field(5, description="retries of a transient LM error (429, 5xx, timeout)", ge=0)
     validation_attempts: int = Field(3, description="tries to get an answer that validates", ge=1)
     timeout: float = Field(60.0, description="seconds before one LM request times out", gt=0)
