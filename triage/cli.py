@@ -23,6 +23,7 @@ RUN_FLAGS = (
     "rpm",
     "tpm",
     "max_cost",
+    "demos",
     "overwrite",
 )
 METAVARS = {int: "N", float: "X", str: "TEXT"}

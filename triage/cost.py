@@ -179,7 +179,8 @@ def estimate_run(
     completion = completion_allowance(settings.optimized_dir)
     prompt_tokens = completion_tokens = 0
     for stage in stages:
-        overhead = sum(prompt_chars(stage, programs[stage.name], t) - len(t) for t in sample) / len(sample)
+        program = programs[stage.name]
+        overhead = sum(prompt_chars(stage, program, t, settings.demos) - len(t) for t in sample) / len(sample)
         prompt_tokens += math.ceil((transcript_chars + rows * overhead) / CHARS_PER_TOKEN)
         completion_tokens += rows * completion.get(stage.name, DEFAULT_COMPLETION_TOKENS)
     usd = found.cost(prompt_tokens, completion_tokens)
@@ -205,16 +206,17 @@ def _transcripts(settings: Settings, files: Sequence[Path], scan: InputScan, to_
 _MODULES: dict[tuple[str, str], Any] = {}
 
 
-def prompt_chars(stage: type[Stage], program: ProgramSource, transcript: str) -> int:
+def prompt_chars(stage: type[Stage], program: ProgramSource, transcript: str, demos: str = "program") -> int:
     """Characters of the messages the stage's program sends for `transcript` (demos and instructions included)."""
     from triage.lm import ChatAdapter
 
-    key = (stage.name, program.label)
+    key = (stage.name, program.label, demos)
     module = _MODULES.get(key)
     if module is None:
         module = _MODULES[key] = stage.module_class()
         if program.state is not None:
             module.load_state(program.state)
+        module.use_demos(demos)
     predictor = module.predictors()[0]
     demos = module.nearest.demos(transcript) if module.nearest.active else predictor.demos
     messages = ChatAdapter().format(predictor.signature, demos, {"transcript": transcript})

@@ -232,8 +232,14 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
             "started": started_at,
             "finished": now_iso(),
             "seconds": round(summary.seconds, 3),
-            "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
-            "estimated_cost_usd": estimated_cost(settings.model, tally.prompt_tokens, tally.completion_tokens),
+            "tokens": {
+                "prompt": tally.prompt_tokens,
+                "completion": tally.completion_tokens,
+                "cached_prompt": tally.cached_prompt_tokens,  # a part of "prompt", read from the provider's cache
+            },
+            "estimated_cost_usd": estimated_cost(
+                settings.model, tally.prompt_tokens, tally.completion_tokens, tally.cached_prompt_tokens
+            ),
             "cost_ceiling": tally.ceiling,
             "rate_limit": tally.rate_limit,
             "settings": settings.describe(),
@@ -251,6 +257,7 @@ class Tally:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
     rate_limit: dict[str, Any] | None = None  # the shared limiter's counters, when --rpm or --tpm is set
     left_at_ceiling: int = 0  # rows refused because the spend reached --max-cost (not written)
     ceiling: dict[str, Any] | None = None  # --max-cost and the spend the limiter counted, when set
@@ -262,6 +269,8 @@ class Tally:
         self.errors += errors
         self.prompt_tokens += tokens[0]
         self.completion_tokens += tokens[1]
+        if "cached_prompt_tokens" in batch.column_names:
+            self.cached_prompt_tokens += pc.sum(batch.column("cached_prompt_tokens")).as_py() or 0
         return errors, sum(tokens)
 
 

@@ -76,12 +76,25 @@ class Settings(BaseSettings):
         20000, description="longer transcripts are cut to this length (noted in errors)", ge=1
     )
     reflection_model: str | None = _flag(None, "optimize: GEPA's reflection / MIPROv2's prompt model")
+    demos: str = _flag(
+        "program",
+        "demos each call shows: program (as compiled), fixed (the same for every call: a cacheable prompt) or none",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except ValidationError as exc:
             raise ConfigError(_one_line(exc)) from None
+
+    @field_validator("demos")
+    @classmethod
+    def _is_a_demo_choice(cls, value: str) -> str:
+        from triage.programs import DEMO_CHOICES
+
+        if value not in DEMO_CHOICES:
+            raise ValueError(f"must be one of {', '.join(DEMO_CHOICES)}")
+        return value
 
     @field_validator("model", "reflection_model")
     @classmethod

@@ -39,7 +39,7 @@ from tenacity.wait import wait_base
 
 from triage.cost import CEILING_ERROR, prices
 from triage.errors import first_line, redact
-from triage.lm import LMSetup, build_lm
+from triage.lm import LMSetup, build_lm, with_prompt_cache
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
 from triage.retrieval import SecondOpinion
@@ -95,6 +95,7 @@ class RowOutcome:
     review: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,9 @@ class Stage:
         self.program = self.module_class()
         if config.program.state is not None:
             self.program.load_state(config.program.state)
+        self.program.use_demos(config.settings.demos)
+        fixed = None if self.program.demos_vary else len(self.program.predictors()[0].demos)
+        self.setup = with_prompt_cache(self.setup, config.settings, fixed)
         self.in_flight = config.in_flight
         self._semaphore: asyncio.Semaphore | None = None
         self._sleep = sleep
@@ -201,6 +205,7 @@ class Stage:
         for counts in usage.get_total_tokens().values():
             outcome.prompt_tokens += int(counts.get("prompt_tokens") or 0)
             outcome.completion_tokens += int(counts.get("completion_tokens") or 0)
+            outcome.cached_prompt_tokens += cached_tokens(counts)
         return outcome
 
     def review(self, transcript: str, answer: Answer) -> list[str]:
@@ -305,11 +310,10 @@ class Stage:
             [join_reasons(old, o.error) for old, o in zip(batch.column("errors").to_pylist(), outcomes, strict=True)],
             pa.string(),
         )
-        for name in ("prompt_tokens", "completion_tokens"):
+        for name in ("prompt_tokens", "completion_tokens", "cached_prompt_tokens"):
             spent = [getattr(o, name) for o in outcomes]
-            columns[name] = pa.array(
-                [old + new for old, new in zip(batch.column(name).to_pylist(), spent, strict=True)], pa.int64()
-            )
+            before = batch.column(name).to_pylist() if name in columns else [0] * len(outcomes)
+            columns[name] = pa.array([(old or 0) + new for old, new in zip(before, spent, strict=True)], pa.int64())
         now = datetime.now(UTC)
         columns["triaged_at"] = pa.array([now] * len(outcomes), pa.timestamp("us", tz="UTC"))
         return pa.table([columns[name] for name in WORKING_SCHEMA.names], schema=WORKING_SCHEMA)
