@@ -159,7 +159,7 @@ def test_a_ceiling_reached_mid_run_stops_sending_and_a_rerun_with_a_higher_one_f
     assert first.rows_with_errors == 0  # rows the ceiling stopped are left for the next run, not written as failed
     assert "stopped at --max-cost $0.05 with" in first.line() and "run the same command again" in first.line()
     ceiling = manifest["cost_ceiling"]
-    assert ceiling["max_cost_usd"] == 0.05 and ceiling["spent_usd"] >= 0.05
+    assert ceiling["max_cost_usd"] == 0.05 and ceiling["spent_usd"] >= 0.05 > ceiling["estimated_usd"] > 0
     assert ceiling["requests_refused"] > 0 and ceiling["rows_left"] == first.left_at_ceiling
     # Stopped sending: no row was started past the ceiling, and every row started was finished (its
     # details request too), so nothing paid for was thrown away. 80 requests were needed.
@@ -178,3 +178,20 @@ def test_a_ceiling_reached_mid_run_stops_sending_and_a_rerun_with_a_higher_one_f
     for row in frame.itertuples():
         assert row.transcript == transcripts[int(row.call_id[1:])]
         assert row.priority == expected_answer(row.transcript)["priority"]
+
+
+def test_a_run_stopped_at_the_ceiling_exits_3_with_its_summary(monkeypatch, capsys, tmp_path):
+    import triage.pipeline
+    from triage.cli import main
+    from triage.pipeline import RunSummary
+
+    stopped = RunSummary(40, 0, 12, 12, 0, 3, 0, 1.0, "out", left_at_ceiling=28, max_cost=0.05)
+    monkeypatch.setattr(triage.pipeline, "run", lambda settings, verbose=False: stopped)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--max-cost", "0.05"]) == 3
+    assert capsys.readouterr().out == stopped.line() + "\n"
+    assert "stopped at --max-cost $0.05 with 28 rows left: run the same command again" in stopped.line()
+    monkeypatch.setattr(
+        triage.pipeline, "run", lambda settings, verbose=False: RunSummary(1, 0, 1, 1, 0, 0, 0, 1.0, "o")
+    )
+    assert main(["run"]) == 0

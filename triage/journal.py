@@ -4,9 +4,10 @@ Part files are committed every `commit_seconds` or `rows_per_file` rows (`triage
 run killed between two commits would lose up to that much paid work. The driver therefore also
 appends each batch it receives to `_journal-<id>.arrows` in the output folder (an Arrow IPC
 stream in the output schema; readers of the dataset skip names starting with "_"), flushed to
-the operating system at once, which is all a killed process needs, and fsynced at most every
-`fsync_seconds`, which bounds what a power cut can take. Once the rows are in a part file the
-journal starts afresh and the old file is deleted.
+the operating system at once: a killed process loses nothing it wrote. It is not fsynced (that
+would make the driver wait on the disk for every batch): a power cut can take the rows since
+the last part file, as before the journal. Once the rows are in a part file the journal starts
+afresh and the old file is deleted.
 
 A killed run leaves its journal behind; the next run into the folder reads it (a batch cut off
 by the kill is dropped: the stream reader stops at it) and commits its rows as a part file
@@ -16,10 +17,7 @@ microseconds per batch; the measured effect on a run is in README.md.
 
 from __future__ import annotations
 
-import os
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,16 +32,11 @@ JOURNAL_SUFFIX = ".arrows"
 class Journal:
     """Append-only file of output batches (in the output schema) not yet committed to a part file."""
 
-    def __init__(
-        self, folder: Path, *, fsync_seconds: float = 1.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.fsync_seconds = fsync_seconds
-        self.clock = clock
         self.path: Path | None = None
         self._file: BinaryIO | None = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
-        self._last_sync = clock()
 
     def append(self, table: pa.Table) -> None:
         """Write `table` (output schema) and hand it to the operating system before returning."""
@@ -54,9 +47,6 @@ class Journal:
         assert self._file is not None
         self._writer.write_table(table)
         self._file.flush()
-        if self.clock() - self._last_sync >= self.fsync_seconds:
-            os.fsync(self._file.fileno())
-            self._last_sync = self.clock()
 
     def discard(self) -> None:
         """The rows written so far are committed elsewhere: delete this file (the next append starts a new one)."""

@@ -196,6 +196,8 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
         if estimate is not None:
             logger.info("estimated cost %s, within --max-cost $%.2f", estimate.describe(), settings.max_cost)
         tally = _triage(settings, files, scan, done, programs, verbose=verbose)
+        if estimate is not None and tally.ceiling is not None:
+            tally.ceiling["estimated_usd"] = estimate.usd
 
     table = read_output(output, ["errors", "review"])
     summary = RunSummary(
