@@ -111,7 +111,7 @@ def test_a_ceiling_below_the_estimate_refuses_to_start_and_sends_nothing(tmp_pat
         requests = provider.stats()["requests"]
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert refused.stderr.startswith("error: estimated cost $0.0") and "for 20 rows (40 requests" in refused.stderr
-    assert "above --max-cost $0.00" in refused.stderr
+    assert "above --max-cost $0.0001;" in refused.stderr
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
     assert "cannot be enforced: openai/fake has no price" in unknown.stderr
     assert requests == 0  # counted at the server: nothing was sent

@@ -43,6 +43,11 @@ SAMPLE_ROWS = 200  # rows whose prompts are rendered for the estimate
 CEILING_ERROR = CostCeilingReached.__name__
 
 
+def usd(value: float) -> str:
+    """Dollars for a message: cents, or two significant digits below a cent ($0.0001, not $0.00)."""
+    return f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.2g}"
+
+
 @dataclass(frozen=True)
 class Prices:
     """USD per token: prompt, completion, and a prompt token read from the provider's cache."""
@@ -118,7 +123,7 @@ class CostEstimate:
 
     def describe(self) -> str:
         return (
-            f"${self.usd:.2f} for {self.rows} rows ({self.requests} requests, ~{self.prompt_tokens} prompt and "
+            f"{usd(self.usd)} for {self.rows} rows ({self.requests} requests, ~{self.prompt_tokens} prompt and "
             f"~{self.completion_tokens} completion tokens at the {'batch' if self.batch else 'online'} price)"
         )
 
@@ -150,7 +155,7 @@ def check_cost_ceiling(
     estimate = estimate_run(settings, files, scan, to_do, stages, programs, found, batch=batch)
     if estimate.usd > settings.max_cost:
         raise ConfigError(
-            f"estimated cost {estimate.describe()} is above --max-cost ${settings.max_cost:.2f}; "
+            f"estimated cost {estimate.describe()} is above --max-cost {usd(settings.max_cost)}; "
             "raise it, or triage fewer rows with --limit"
         )
     return estimate

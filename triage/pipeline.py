@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from triage.cost import check_cost_ceiling, estimated_cost, split_refused
+from triage.cost import check_cost_ceiling, estimated_cost, split_refused, usd
 from triage.errors import ConfigError
 from triage.inputs import InputScan, check_input_file, resolve_input_files, scan_inputs
 from triage.local import is_local_model
@@ -64,7 +64,7 @@ class RunSummary:
     def line(self) -> str:
         duplicates = f", {self.duplicates} duplicate call_ids made unique" if self.duplicates else ""
         stopped = (
-            f"; stopped at --max-cost ${self.max_cost:.2f} with {self.left_at_ceiling} rows left: run the same "
+            f"; stopped at --max-cost {usd(self.max_cost or 0)} with {self.left_at_ceiling} rows left: run the same "
             "command again to triage them (it estimates what is left, and --max-cost must allow it)"
             if self.left_at_ceiling
             else ""
@@ -194,7 +194,7 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     if skipped < scan.rows:
         estimate = check_cost_ceiling(settings, files, scan, done, STAGES, programs)  # before anything is sent
         if estimate is not None:
-            logger.info("estimated cost %s, within --max-cost $%.2f", estimate.describe(), settings.max_cost)
+            logger.info("estimated cost %s, within --max-cost %s", estimate.describe(), usd(settings.max_cost or 0))
         tally = _triage(settings, files, scan, done, programs, verbose=verbose)
         if estimate is not None and tally.ceiling is not None:
             tally.ceiling["estimated_usd"] = estimate.usd
