@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 
+from triage.cost import estimated_cost
 from triage.errors import ConfigError
-from triage.manifest import estimated_cost, write_manifest
+from triage.manifest import write_manifest
 from triage.progress import Progress
 from triage.schema import OUTPUT_SCHEMA
 from triage.sink import PartWriter, completed_ids, prepare_output_folder, read_output
@@ -38,7 +39,7 @@ def test_part_writer_commits_by_rows_and_by_time(tmp_path):
     now = [0.0]
     writer = PartWriter(tmp_path, rows_per_file=4, seconds_per_file=10, clock=lambda: now[0])
     writer.add(batch(["a", "b"]))
-    assert list(tmp_path.iterdir()) == []  # nothing committed yet
+    assert not list(tmp_path.glob("part-*"))  # nothing committed yet (the rows are in the journal)
     writer.add(batch(["c", "d"]))
     assert len(list(tmp_path.glob("part-*.parquet"))) == 1
     writer.add(batch(["e"]))
@@ -49,7 +50,42 @@ def test_part_writer_commits_by_rows_and_by_time(tmp_path):
     writer.close()
     assert completed_ids(tmp_path) == {"a", "b", "c", "d", "e", "f"}
     assert writer.rows_written == 6 and writer.files_written == 3
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "_"))]  # no temporary, no journal
+
+
+def test_rows_received_but_not_committed_survive_a_kill_in_the_journal(tmp_path):
+    killed = PartWriter(tmp_path, rows_per_file=3, seconds_per_file=1000)
+    killed.add(batch(["a", "b", "c"]))  # committed as a part
+    killed.add(batch(["d"]))
+    killed.add(batch(["e"]))  # d and e not committed: the run is killed here (no close)
+    assert completed_ids(tmp_path) == {"a", "b", "c"}
+    assert [p.name[:9] for p in tmp_path.iterdir() if p.name.startswith("_")] == ["_journal-"]
+    prepare_output_folder(tmp_path, overwrite=False)  # the next run
+    assert sorted(read_output(tmp_path, ["call_id"]).column("call_id").to_pylist()) == list("abcde")
+    assert not list(tmp_path.glob("_journal-*")) and len(list(tmp_path.glob("part-*"))) == 2
+    prepare_output_folder(tmp_path, overwrite=False)  # nothing left to recover: nothing changes
+    assert len(list(tmp_path.glob("part-*"))) == 2
+
+
+def test_a_batch_cut_off_by_the_kill_is_dropped_and_committed_rows_are_not_doubled(tmp_path):
+    from triage.sink import write_part
+
+    killed = PartWriter(tmp_path, rows_per_file=100)
+    killed.add(batch(["a", "b"]))
+    killed.add(batch(["c"]))
+    killed.add(batch(["d", "e"]))
+    journal = next(tmp_path.glob("_journal-*"))
+    journal.write_bytes(journal.read_bytes()[:-10])  # the last batch was being written when the run died
+    write_part(tmp_path, batch(["a", "b"]))  # killed after committing a and b, before deleting the journal
+    prepare_output_folder(tmp_path, overwrite=False)
+    ids = read_output(tmp_path, ["call_id"]).column("call_id").to_pylist()
+    assert sorted(ids) == ["a", "b", "c"]  # each exactly once; d and e were never whole on disk
+
+
+def test_overwrite_deletes_an_old_journal_instead_of_recovering_it(tmp_path):
+    PartWriter(tmp_path, rows_per_file=100).add(batch(["a"]))
+    prepare_output_folder(tmp_path, overwrite=True)
+    assert list(tmp_path.iterdir()) == [] and read_output(tmp_path).num_rows == 0
 
 
 def test_leftover_temporaries_are_removed_and_ignored(tmp_path):

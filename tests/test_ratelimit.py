@@ -265,7 +265,9 @@ class StandInActor:
         self.reserve = _Method(self._reserve)
         self.penalize = _Method(self._penalize)
 
-    def _reserve(self, tokens: list[int], estimated: int, actual: int) -> tuple[list[float], float, int]:
+    def _reserve(
+        self, tokens: list[int], estimated: int, actual: int, usd: float = 0.0, refusable: bool = True
+    ) -> tuple[list[float], float, int]:
         self.calls.append((tokens, estimated, actual))
         now = self.clock()
         if estimated or actual:

@@ -37,9 +37,12 @@ def start_run():
     started: list[subprocess.Popen] = []
     ray_temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
 
-    def start(folder: Path, provider: FakeProvider, *extra: str) -> subprocess.Popen:
+    def start(
+        folder: Path, provider: FakeProvider, *extra: str, env_extra: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIAGE_", "RAY_ADDRESS"))}
         env.update(TRIAGE_COMMIT_SECONDS="0.5", TRIAGE_CACHE="false", RAY_TMPDIR=ray_temp)
+        env.update(env_extra or {})
         command = triage_run_command(provider.url, "--concurrency", str(CONCURRENCY), *extra)
         process = subprocess.Popen(
             command,
@@ -108,6 +111,34 @@ def test_sigkill_mid_run_then_rerun_finishes_without_redoing_rows(tmp_path, star
     by_id = {f"r{i:03d}": t for i, t in enumerate(transcripts)}
     # The second run sent exactly the rows the first had not committed, nothing already done.
     assert asked_again == {transcript_key(by_id[i]) for i in set(by_id) - done_before}
+
+
+def test_a_kill_between_commits_costs_seconds_of_answers_not_the_uncommitted_rows(tmp_path, start_run):
+    """Issue 15: killed mid-way with nothing committed yet (30 s commits) and DSPy's cache off, then run
+    again: the journal keeps what the driver had received, so both runs together send at most 1.1x the
+    requests of a clean run (two per row), and every row comes out exactly once."""
+    rows = 800  # what a kill costs is a few seconds of answers, whatever the run's size: here about 5%
+    transcripts = write_calls(tmp_path, rows)
+    with FakeProvider(latency=0.05) as provider:
+        first = start_run(tmp_path, provider, env_extra={"TRIAGE_COMMIT_SECONDS": "30"})
+        wait_for(lambda: provider.stats()["requests"] >= rows, 180, "half the requests")
+        assert len(signal_session(first.pid, signal.SIGKILL)) > 3  # the run and its Ray, by pid
+        first.wait(timeout=30)
+        assert wait_gone(set(session_processes(first.pid)), 30)
+        assert not list((tmp_path / "out").glob("part-*")), "a part was committed before the kill: no test"
+        second = start_run(tmp_path, provider, env_extra={"TRIAGE_COMMIT_SECONDS": "30"})
+        stdout, stderr = second.communicate(timeout=300)
+        assert second.returncode == 0, stderr
+        sent = provider.stats()["requests"]
+    frame = pd.read_parquet(tmp_path / "out")
+    assert sorted(frame["call_id"]) == sorted(f"r{i:03d}" for i in range(rows))  # each row exactly once
+    assert frame["errors"].isna().all()
+    for row in frame.itertuples():
+        assert row.transcript == transcripts[int(row.call_id[1:])]
+        assert row.priority == expected_answer(row.transcript)["priority"]
+    assert not list((tmp_path / "out").glob("_journal-*"))
+    assert " skipped as already done" in stdout and not stdout.startswith(f"{rows} rows in, 0 skipped")
+    assert sent <= 1.1 * 2 * rows, f"{sent} requests for the {2 * rows} a clean run sends"
 
 
 def stage_workers(session: int, stage: str) -> list[int]:

@@ -34,6 +34,7 @@ def make_batch(transcripts: list[str | None], errors: list[str | None] | None = 
             "prompt_tokens": [0] * n,
             "completion_tokens": [0] * n,
             "triaged_at": [datetime(2020, 1, 1, tzinfo=UTC)] * n,
+            "cached_prompt_tokens": [0] * n,
         },
         schema=WORKING_SCHEMA,
     )

@@ -12,7 +12,20 @@ from typing import get_args
 from triage.errors import TriageError, redact
 from triage.settings import ENV_PREFIX, Settings, resolve_settings
 
-RUN_FLAGS = ("input", "output", "model", "api_base", "optimized_dir", "concurrency", "limit", "rpm", "tpm", "overwrite")
+RUN_FLAGS = (
+    "input",
+    "output",
+    "model",
+    "api_base",
+    "optimized_dir",
+    "concurrency",
+    "limit",
+    "rpm",
+    "tpm",
+    "max_cost",
+    "demos",
+    "overwrite",
+)
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
@@ -86,21 +99,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _with_settings(args, RUN_FLAGS, _run)
 
 
-def _run(settings: Settings, args: argparse.Namespace) -> str:
+# A run that stopped at --max-cost with rows left: its output holds what was done.
+EXIT_STOPPED_AT_CEILING = 3
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> tuple[str, int]:
     from triage.native_stderr import without_ray_false_alarm
     from triage.pipeline import run, stop_ray
 
     with without_ray_false_alarm():
         try:
-            return run(settings, verbose=args.verbose).line()
+            summary = run(settings, verbose=args.verbose)
         finally:
             stop_ray()
+    return summary.line(), EXIT_STOPPED_AT_CEILING if summary.left_at_ceiling else 0
 
 
 def _with_settings(
-    args: argparse.Namespace, flags: Sequence[str], command: Callable[[Settings, argparse.Namespace], str]
+    args: argparse.Namespace,
+    flags: Sequence[str],
+    command: Callable[[Settings, argparse.Namespace], str | tuple[str, int]],
 ) -> int:
-    """Resolve the settings, run one library call, print its one-line summary; a TriageError is one line, exit 2."""
+    """Resolve the settings, run one library call, print its one-line summary; a TriageError is one line, exit 2.
+
+    A command may return (line, exit code) instead of its line alone (exit 0).
+    """
     _configure_logging(args.verbose)
     secrets: list[str] = []
     try:
@@ -114,8 +137,9 @@ def _with_settings(
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    line, code = line if isinstance(line, tuple) else (line, 0)
     print(line)
-    return 0
+    return code
 
 
 # ─── evaluate / optimize ─────────────────────────────────────────────────────────────────────────

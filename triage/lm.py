@@ -214,3 +214,22 @@ def build_lm(settings: Settings, *, num_retries: int = 0, threads: int | None = 
         kwargs["api_key"] = NO_KEY  # self-hosted servers (vLLM, llama.cpp) often need none; DSPy insists on one
     lm = build_native_lm(settings.model, cache=settings.cache, num_retries=num_retries, client_kwargs=kwargs)
     return LMSetup(lm, ChatAdapter)
+
+
+def with_prompt_cache(setup: LMSetup, settings: Settings, fixed_demos: int | None) -> LMSetup:
+    """The stage's LM, marking the prompt's reusable prefix for the provider's prompt cache where it needs marks.
+
+    Anthropic caches only what a request marks (`cache_control`; DSPy's lm15 places it from a
+    `CacheConfig`). With fixed demos (`fixed_demos` of them) the instructions and the demos are
+    the same bytes for every row: the mark goes on the last demo message (lm15 counts messages
+    after the system prompt: a demo is a user and an assistant message). With per-call demos
+    (`fixed_demos` None) only the instructions repeat, and only they are marked. OpenAI caches
+    a repeated prefix of 1,024 tokens or more by itself: nothing to mark. Cached reads are
+    reported in the usage (`prompt_tokens_details.cached_tokens`) and priced by `triage.cost`.
+    """
+    from dspy.lm15 import CacheConfig
+
+    if settings.provider != "anthropic":
+        return setup
+    cache = CacheConfig(prefix_until_index=2 * fixed_demos - 1) if fixed_demos else CacheConfig(prefix="stable")
+    return LMSetup(setup.lm.copy(prompt_cache=cache), setup.adapter_class)

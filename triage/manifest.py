@@ -1,12 +1,12 @@
 """The run manifest written beside the output (`_manifest.json`): what ran, on what, and what it cost.
 
 It never holds a secret: settings come from `Settings.describe()`, which masks the key.
+Prices and cost estimates are `triage.cost`'s (re-exported here for older imports).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 from datetime import UTC, datetime
 from importlib import metadata
@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from triage.atomic import atomic_write_text
-from triage.local import is_local_model
-from triage.settings import split_model
+from triage.cost import estimated_cost, price_per_token
+
+__all__ = ["estimated_cost", "now_iso", "package_versions", "price_per_token", "write_manifest"]
 
 MANIFEST_NAME = "_manifest.json"
 PACKAGES = ("triage", "dspy", "ray", "pyarrow", "pandas", "tenacity", "cyllama")
@@ -29,33 +30,6 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def price_per_token(model: str) -> tuple[float, float] | None:
-    """(input, output) USD per token from the price list bundled with DSPy, or None when unknown.
-
-    That list is LiteLLM's, read through DSPy (importing LiteLLM itself costs seconds). The
-    embedded model costs nothing; a model the list does not know gets no estimate.
-    """
-    if is_local_model(model):
-        return (0.0, 0.0)
-    provider, name = split_model(model)
-    if not name:
-        return None
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # the bundled list, no download
-    from dspy.clients.model_metadata import model_info
-
-    entry = model_info(provider, name)
-    if entry.get("input_cost_per_token") is None:
-        return None
-    return float(entry["input_cost_per_token"]), float(entry.get("output_cost_per_token") or 0.0)
-
-
-def estimated_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    prices = price_per_token(model)
-    if prices is None:
-        return None
-    return round(prompt_tokens * prices[0] + completion_tokens * prices[1], 6)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:

@@ -21,10 +21,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from triage.cost import check_cost_ceiling, estimated_cost, split_refused, usd
 from triage.errors import ConfigError
 from triage.inputs import InputScan, check_input_file, resolve_input_files, scan_inputs
 from triage.local import is_local_model
-from triage.manifest import estimated_cost, now_iso, package_versions, write_manifest
+from triage.manifest import now_iso, package_versions, write_manifest
 from triage.progress import Progress
 from triage.ratelimit import get_or_create_limiter
 from triage.settings import PROVIDER_KEY_VARIABLES, Settings
@@ -57,14 +58,22 @@ class RunSummary:
     duplicates: int
     seconds: float
     output: str
+    left_at_ceiling: int = 0  # rows not triaged because the spend reached --max-cost
+    max_cost: float | None = None
 
     def line(self) -> str:
         duplicates = f", {self.duplicates} duplicate call_ids made unique" if self.duplicates else ""
+        stopped = (
+            f"; stopped at --max-cost {usd(self.max_cost or 0)} with {self.left_at_ceiling} rows left: run the same "
+            "command again to triage them (it estimates what is left, and --max-cost must allow it)"
+            if self.left_at_ceiling
+            else ""
+        )
         return (
             f"{self.rows_in} rows in, {self.skipped} skipped as already done, {self.triaged} triaged, "
             f"{self.rows_out} rows out, {self.rows_with_errors} with errors, {self.rows_to_review} to review"
             f"{duplicates}, "
-            f"{self.seconds:.1f}s -> {self.output}"
+            f"{self.seconds:.1f}s -> {self.output}{stopped}"
         )
 
 
@@ -180,7 +189,12 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     programs = {stage.name: ProgramSource.load(settings.optimized_dir, stage.program_file) for stage in STAGES}
     tally = Tally()
     if skipped < scan.rows:
+        estimate = check_cost_ceiling(settings, files, scan, done, STAGES, programs)  # before anything is sent
+        if estimate is not None:
+            logger.info("estimated cost %s, within --max-cost %s", estimate.describe(), usd(settings.max_cost or 0))
         tally = _triage(settings, files, scan, done, programs, verbose=verbose)
+        if estimate is not None and tally.ceiling is not None:
+            tally.ceiling["estimated_usd"] = estimate.usd
 
     table = read_output(output, ["errors", "review"])
     summary = RunSummary(
@@ -193,6 +207,8 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
         len(scan.duplicates),
         time.monotonic() - started,
         str(output),
+        tally.left_at_ceiling,
+        settings.max_cost,
     )
     write_manifest(
         output,
@@ -215,8 +231,15 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
             "started": started_at,
             "finished": now_iso(),
             "seconds": round(summary.seconds, 3),
-            "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
-            "estimated_cost_usd": estimated_cost(settings.model, tally.prompt_tokens, tally.completion_tokens),
+            "tokens": {
+                "prompt": tally.prompt_tokens,
+                "completion": tally.completion_tokens,
+                "cached_prompt": tally.cached_prompt_tokens,  # a part of "prompt", read from the provider's cache
+            },
+            "estimated_cost_usd": estimated_cost(
+                settings.model, tally.prompt_tokens, tally.completion_tokens, tally.cached_prompt_tokens
+            ),
+            "cost_ceiling": tally.ceiling,
             "rate_limit": tally.rate_limit,
             "settings": settings.describe(),
             "versions": package_versions(),
@@ -233,7 +256,10 @@ class Tally:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
     rate_limit: dict[str, Any] | None = None  # the shared limiter's counters, when --rpm or --tpm is set
+    left_at_ceiling: int = 0  # rows refused because the spend reached --max-cost (not written)
+    ceiling: dict[str, Any] | None = None  # --max-cost and the spend the limiter counted, when set
 
     def add(self, batch: pa.Table) -> tuple[int, int]:
         errors = batch.num_rows - batch.column("errors").null_count
@@ -242,6 +268,8 @@ class Tally:
         self.errors += errors
         self.prompt_tokens += tokens[0]
         self.completion_tokens += tokens[1]
+        if "cached_prompt_tokens" in batch.column_names:
+            self.cached_prompt_tokens += pc.sum(batch.column("cached_prompt_tokens")).as_py() or 0
         return errors, sum(tokens)
 
 
@@ -278,11 +306,11 @@ def _triage(
     ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
     # The driver holds the limiter's handle for the whole run: Ray removes the actor with it.
     limiter = (
-        get_or_create_limiter(uuid.uuid4().hex[:12], settings.rpm, settings.tpm)
-        if (settings.rpm or settings.tpm)
+        get_or_create_limiter(uuid.uuid4().hex[:12], settings.rpm, settings.tpm, max_cost=settings.max_cost)
+        if (settings.rpm or settings.tpm or settings.max_cost)
         else None
     )
-    for stage, plan in zip(STAGES, plans, strict=True):
+    for index, (stage, plan) in enumerate(zip(STAGES, plans, strict=True)):
         program = programs[stage.name]
         logger.log(
             logging.INFO if verbose else logging.DEBUG,
@@ -293,7 +321,12 @@ def _triage(
             program.label,
         )
         config = StageConfig(
-            settings=settings, program=program, in_flight=plan.in_flight, threads=plan.threads, limiter=limiter
+            settings=settings,
+            program=program,
+            in_flight=plan.in_flight,
+            threads=plan.threads,
+            limiter=limiter,
+            refuse_at_ceiling=index == 0,  # the rows the first stage started are finished, not wasted
         )
         ds = ds.map_batches(
             stage,
@@ -310,13 +343,24 @@ def _triage(
     tally = Tally()
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            batch, refused = split_refused(batch)  # rows the ceiling stopped are left for the next run
+            tally.left_at_ceiling += refused
             writer.add(batch)
             progress.update(batch.num_rows, *tally.add(batch))
     finally:
         writer.close()  # commit what arrived, even when interrupted
         progress.close()
     if limiter is not None:
-        tally.rate_limit = rate_limit_summary(ray.get(limiter.handle().stats.remote()))
+        stats = ray.get(limiter.handle().stats.remote())
+        if settings.rpm or settings.tpm:
+            tally.rate_limit = rate_limit_summary(stats)
+        if settings.max_cost:
+            tally.ceiling = {
+                "max_cost_usd": settings.max_cost,
+                "spent_usd": round(stats["spent_usd"], 6),
+                "requests_refused": stats["refused"],
+                "rows_left": tally.left_at_ceiling,
+            }
     return tally
 
 

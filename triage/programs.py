@@ -61,6 +61,7 @@ class ExtractDetails(dspy.Signature):
 
 
 NEAREST_DEMOS_KEY = "nearest_demos"
+DEMO_CHOICES = ("program", "fixed", "none")
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,29 @@ class _NearestDemosModule(dspy.Module):
         if neighbourhood.choices:
             options["signature"] = with_choices(predictor.signature, tuple(sorted(neighbourhood.choices.items())))
         return options
+
+    def use_demos(self, choice: str) -> None:
+        """Which demos every call shows: "program" (as loaded), "fixed" or "none".
+
+        "fixed" turns per-call nearest demos into one set for every call (the pool's choice for an
+        empty transcript, i.e. its first calls), so the prompt up to the transcript is the same bytes
+        for every row and a provider's prompt cache can serve it. "none" shows no demos. The pool
+        itself is kept (the second opinion is built from it).
+        """
+        if choice not in DEMO_CHOICES:
+            raise ValueError(f"demos must be one of {', '.join(DEMO_CHOICES)}, got {choice!r}")
+        predictor = self.predictors()[0]
+        if choice == "none":
+            predictor.demos = []
+            self.nearest.k = 0
+        elif choice == "fixed" and self.nearest.active:
+            predictor.demos = self.nearest.demos("")
+            self.nearest.k = 0
+
+    @property
+    def demos_vary(self) -> bool:
+        """Whether the demos depend on the call (then only the instructions are the same for every row)."""
+        return self.nearest.active
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
         state = super().dump_state(json_mode=json_mode)

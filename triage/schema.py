@@ -6,7 +6,9 @@ different types, and the folder would then fail to read back as one dataset.
 `priority` and `category` are stored dictionary-encoded with every level in a fixed order,
 so pandas reads them as categoricals with all their levels (a level no row has still shows
 in `value_counts()`). Between stages they travel as plain strings (`WORKING_SCHEMA`);
-`to_output` encodes them when a part file is written.
+`to_output` encodes them when a part file is written. Between stages a row also carries
+`cached_prompt_tokens` (prompt tokens the provider read from its prompt cache, a part of
+`prompt_tokens`): the driver counts them for the manifest and the cost; the output leaves them out.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _schema(categorical: pa.DataType) -> pa.Schema:
     )
 
 
-WORKING_SCHEMA = _schema(pa.string())
+WORKING_SCHEMA = _schema(pa.string()).append(pa.field("cached_prompt_tokens", pa.int64()))
 OUTPUT_SCHEMA = _schema(_CATEGORICAL)
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(OUTPUT_SCHEMA.names)
 

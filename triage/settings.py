@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     limit: int | None = _flag(None, "triage only the first N input rows", ge=0)
     rpm: float | None = _flag(None, "LM requests per minute for the whole run, all workers together", gt=0)
     tpm: float | None = _flag(None, "LM tokens per minute for the whole run, all workers together", gt=0)
+    max_cost: float | None = _flag(
+        None, "USD this run may spend: refused above it (estimated first), stopped at it (counted)", gt=0
+    )
     max_retries: int = Field(5, description="retries of a transient LM error (429, 5xx, timeout)", ge=0)
     validation_attempts: int = Field(3, description="tries to get an answer that validates", ge=1)
     timeout: float = Field(60.0, description="seconds before one LM request times out", gt=0)
@@ -79,12 +82,25 @@ class Settings(BaseSettings):
         20000, description="longer transcripts are cut to this length (noted in errors)", ge=1
     )
     reflection_model: str | None = _flag(None, "optimize: GEPA's reflection / MIPROv2's prompt model")
+    demos: str = _flag(
+        "program",
+        "demos each call shows: program (as compiled), fixed (the same for every call: a cacheable prompt) or none",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except ValidationError as exc:
             raise ConfigError(_one_line(exc)) from None
+
+    @field_validator("demos")
+    @classmethod
+    def _is_a_demo_choice(cls, value: str) -> str:
+        from triage.programs import DEMO_CHOICES
+
+        if value not in DEMO_CHOICES:
+            raise ValueError(f"must be one of {', '.join(DEMO_CHOICES)}")
+        return value
 
     @field_validator("model", "reflection_model")
     @classmethod

@@ -9,6 +9,7 @@ files are the rows already done: a rerun into the same folder skips them.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -20,9 +21,12 @@ import pyarrow.parquet as pq
 
 from triage.atomic import TEMP_SUFFIX, atomic_write
 from triage.errors import ConfigError
+from triage.journal import Journal, journal_files, read_journal
 from triage.schema import OUTPUT_SCHEMA, to_output
 
 PART_PREFIX = "part-"
+
+logger = logging.getLogger("triage")
 
 
 class PartWriter:
@@ -30,6 +34,7 @@ class PartWriter:
 
     A part is committed when it holds `rows_per_file` rows or when `seconds_per_file` have passed
     since the last commit (so a slow model still commits its work often), and at `close()`.
+    Until then each batch is in the journal (`journal=False`: not even there).
     """
 
     def __init__(
@@ -39,8 +44,10 @@ class PartWriter:
         rows_per_file: int,
         seconds_per_file: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        journal: bool = True,
     ) -> None:
         self.folder = Path(folder)
+        self.journal = Journal(self.folder) if journal else None
         self.rows_per_file = rows_per_file
         self.seconds_per_file = seconds_per_file
         self.clock = clock
@@ -52,8 +59,11 @@ class PartWriter:
 
     def add(self, batch: pa.Table) -> None:
         if batch.num_rows:
-            self._pending.append(to_output(batch))
+            table = to_output(batch)
+            self._pending.append(table)
             self._pending_rows += batch.num_rows
+            if self.journal is not None:
+                self.journal.append(table)
         if self._pending_rows >= self.rows_per_file or (
             self._pending_rows and self.clock() - self._last_commit >= self.seconds_per_file
         ):
@@ -64,6 +74,8 @@ class PartWriter:
             write_part(self.folder, pa.concat_tables(self._pending))
             self.rows_written += self._pending_rows
             self.files_written += 1
+        if self.journal is not None:
+            self.journal.discard()  # its rows are in the part now (a kill before this line: see recover_journals)
         self._pending, self._pending_rows = [], 0
         self._last_commit = self.clock()
 
@@ -94,6 +106,35 @@ def prepare_output_folder(folder: Path, *, overwrite: bool) -> None:
     for path in folder.iterdir():
         if path.name.endswith(TEMP_SUFFIX) or (overwrite and path.name.startswith(PART_PREFIX)):
             path.unlink()
+    if overwrite:
+        for path in journal_files(folder):
+            path.unlink()
+    recover_journals(folder)
+
+
+def recover_journals(folder: Path) -> int:
+    """Commit the rows in journals a killed run left behind as one part file, then delete the journals.
+
+    Rows whose call_id a part file already holds are left out (the run was killed after committing
+    them but before deleting their journal), so every row is in the dataset exactly once however
+    often this is interrupted. Returns the rows committed.
+    """
+    journals = journal_files(folder)
+    if not journals:
+        return 0
+    done = completed_ids(folder)
+    keep: list[int] = []
+    table = pa.concat_tables([read_journal(path) for path in journals])
+    for index, call_id in enumerate(table.column("call_id").to_pylist()):
+        if call_id not in done:
+            done.add(call_id)
+            keep.append(index)
+    if keep:
+        write_part(folder, table.take(keep))
+        logger.info("%d finished rows of an interrupted run recovered from its journal", len(keep))
+    for path in journals:
+        path.unlink()
+    return len(keep)
 
 
 def _is_ours(path: Path) -> bool:

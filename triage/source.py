@@ -43,6 +43,7 @@ def prepared_rows(
             "model": model,
             "prompt_tokens": 0,
             "completion_tokens": 0,
+            "cached_prompt_tokens": 0,
             "triaged_at": datetime.now(UTC),
         }
 

@@ -37,8 +37,9 @@ from dspy.utils.usage_tracker import track_usage
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
+from triage.cost import CEILING_ERROR, prices
 from triage.errors import first_line, redact
-from triage.lm import LMSetup, build_lm
+from triage.lm import LMSetup, build_lm, with_prompt_cache
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
 from triage.retrieval import SecondOpinion
@@ -82,7 +83,9 @@ class StageConfig:
     program: ProgramSource
     in_flight: int = 8
     threads: int | None = None
-    limiter: RayLimiterRef | None = None  # the run's shared rate limit, when --rpm or --tpm is set
+    limiter: RayLimiterRef | None = None  # the run's shared limiter, when --rpm, --tpm or --max-cost is set
+    # Whether this stage stops at --max-cost: the first stage does; later ones finish the rows it started.
+    refuse_at_ceiling: bool = True
 
 
 @dataclass
@@ -92,6 +95,7 @@ class RowOutcome:
     review: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,13 +165,20 @@ class Stage:
         self.program = self.module_class()
         if config.program.state is not None:
             self.program.load_state(config.program.state)
+        self.program.use_demos(config.settings.demos)
+        fixed = None if self.program.demos_vary else len(self.program.predictors()[0].demos)
+        self.setup = with_prompt_cache(self.setup, config.settings, fixed)
         self.in_flight = config.in_flight
         self._semaphore: asyncio.Semaphore | None = None
         self._sleep = sleep
         self._secrets = [config.settings.api_key.get_secret_value()] if config.settings.api_key else []
         if limiter is None:
-            limiter = config.limiter.connect(sleep=sleep) if config.limiter else NoLimit()
+            limiter = (
+                config.limiter.connect(sleep=sleep, refusable=config.refuse_at_ceiling) if config.limiter else NoLimit()
+            )
         self.limiter = limiter
+        # Each request's cost is counted against --max-cost (by the run's limiter actor) when it is set.
+        self._prices = prices(config.settings.model) if config.settings.max_cost is not None else None
         self._prompt_chars = self._fixed_prompt_chars()
         logger.info("%s stage: model %s, program %s", self.name, self.settings.model, config.program.label)
 
@@ -183,6 +194,8 @@ class Stage:
     async def _triage_row(self, row: dict[str, Any]) -> RowOutcome:
         if row["transcript"] is None:  # the reader found no usable transcript: no LM call
             return RowOutcome(values={})
+        if row["errors"] and CEILING_ERROR in row["errors"]:  # an earlier stage stopped at --max-cost
+            return RowOutcome(values={})
         with track_usage() as usage:
             try:
                 answer = await self.answer(row["transcript"])
@@ -192,6 +205,7 @@ class Stage:
         for counts in usage.get_total_tokens().values():
             outcome.prompt_tokens += int(counts.get("prompt_tokens") or 0)
             outcome.completion_tokens += int(counts.get("completion_tokens") or 0)
+            outcome.cached_prompt_tokens += cached_tokens(counts)
         return outcome
 
     def review(self, transcript: str, answer: Answer) -> list[str]:
@@ -240,7 +254,7 @@ class Stage:
         """One LM request, booked against the run's rate limit (every retry and every validation attempt too)."""
         estimate = estimate_tokens(self._prompt_chars + len(transcript), EXPECTED_COMPLETION_TOKENS)
         await self.limiter.acquire(estimate)
-        before = _tokens_so_far()
+        before = _usage_so_far()
         try:
             # No call history: DSPy keeps up to 10,000 calls per LM (prompts, demos and answers
             # included), which nothing here reads; measured, 1,477 -> 1,268 MB peak over 10,000 rows.
@@ -250,9 +264,11 @@ class Stage:
             await self.limiter.penalize(exc.retry_after)
             raise
         finally:
-            used = _tokens_so_far() - before
-            if used:
-                await self.limiter.settle(estimate, used)
+            prompt, completion, cached = (now - then for now, then in zip(_usage_so_far(), before, strict=True))
+            if prompt or completion:
+                await self.limiter.settle(estimate, prompt + completion)
+                if self._prices is not None:
+                    await self.limiter.spend(self._prices.cost(prompt, completion, cached))
 
     def _fixed_prompt_chars(self) -> int:
         """Characters of the prompt around the transcript (instructions, demos), for token estimates."""
@@ -294,25 +310,32 @@ class Stage:
             [join_reasons(old, o.error) for old, o in zip(batch.column("errors").to_pylist(), outcomes, strict=True)],
             pa.string(),
         )
-        for name in ("prompt_tokens", "completion_tokens"):
+        for name in ("prompt_tokens", "completion_tokens", "cached_prompt_tokens"):
             spent = [getattr(o, name) for o in outcomes]
-            columns[name] = pa.array(
-                [old + new for old, new in zip(batch.column(name).to_pylist(), spent, strict=True)], pa.int64()
-            )
+            before = batch.column(name).to_pylist() if name in columns else [0] * len(outcomes)
+            columns[name] = pa.array([(old or 0) + new for old, new in zip(before, spent, strict=True)], pa.int64())
         now = datetime.now(UTC)
         columns["triaged_at"] = pa.array([now] * len(outcomes), pa.timestamp("us", tz="UTC"))
         return pa.table([columns[name] for name in WORKING_SCHEMA.names], schema=WORKING_SCHEMA)
 
 
-def _tokens_so_far() -> int:
-    """Tokens counted so far by the row's usage tracker (set up in `_triage_row`)."""
+def _usage_so_far() -> tuple[int, int, int]:
+    """(prompt, completion, cached prompt) tokens counted so far by the row's usage tracker (see `_triage_row`)."""
     tracker = dspy.settings.usage_tracker
     if tracker is None:
-        return 0
-    return sum(
-        int(c.get("prompt_tokens") or 0) + int(c.get("completion_tokens") or 0)
-        for c in tracker.get_total_tokens().values()
+        return 0, 0, 0
+    totals = list(tracker.get_total_tokens().values())
+    return (
+        sum(int(c.get("prompt_tokens") or 0) for c in totals),
+        sum(int(c.get("completion_tokens") or 0) for c in totals),
+        sum(cached_tokens(c) for c in totals),
     )
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """Prompt tokens the provider read from its prompt cache, in DSPy's usage record (0 when not reported)."""
+    details = usage.get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
 
 
 class TriageStage(Stage):

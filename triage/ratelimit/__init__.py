@@ -17,12 +17,13 @@ The wait is always computed, never polled: a caller books its slot and sleeps ex
 
 from triage.ratelimit.actor import LIMITER_NAME_PREFIX, RayLimiter, RayLimiterRef, get_or_create_limiter, limiter_name
 from triage.ratelimit.budget import CHARS_PER_TOKEN, TokenBudget, estimate_tokens
-from triage.ratelimit.limiter import Clock, LocalLimiter, NoLimit, RateLimiter, Sleep
+from triage.ratelimit.limiter import Clock, CostCeilingReached, LocalLimiter, NoLimit, RateLimiter, Sleep
 
 __all__ = [
     "CHARS_PER_TOKEN",
     "LIMITER_NAME_PREFIX",
     "Clock",
+    "CostCeilingReached",
     "LocalLimiter",
     "NoLimit",
     "RateLimiter",

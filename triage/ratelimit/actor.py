@@ -2,7 +2,14 @@
 
 The driver creates the actor with `get_or_create_limiter`; every Stage actor finds it by name
 (`RayLimiterRef.connect`) and books through a `RayLimiter`: at most one call in flight per Stage
-actor, booking every request that queued meanwhile; token corrections ride along.
+actor, booking every request that queued meanwhile; token corrections and the spend ride along.
+
+The same actor keeps the run's spend (USD, counted from the answers' tokens) when a ceiling is set
+(`--max-cost`): once it is reached, a booking's wait is infinite and the client raises
+`CostCeilingReached` instead of sending (and, knowing it, refuses every later request at once).
+A client made with `refusable=False` (the stages after the first, which finish rows already paid
+for) is never refused. Requests already in flight still finish, so the spend passes the ceiling
+by their cost and that of finishing the rows already started.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 
 from triage.errors import ConfigError
 from triage.ratelimit.budget import TokenBudget
-from triage.ratelimit.limiter import Clock, RateLimiter, Sleep
+from triage.ratelimit.limiter import Clock, CostCeilingReached, RateLimiter, Sleep
 
 LIMITER_NAME_PREFIX = "triage-rate-limiter-"
 
@@ -32,13 +39,18 @@ class RayLimiter(RateLimiter):
     Use from one event loop.
     """
 
-    def __init__(self, actor: Any, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self, actor: Any, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, refusable: bool = True
+    ) -> None:
         self._actor = actor
+        self.refusable = refusable
         self._clock = clock
         self._sleep = sleep
         self._queue: list[tuple[int, asyncio.Future[tuple[float, int]]]] = []
         self._pump: asyncio.Task[None] | None = None
         self._unsettled = [0, 0]  # estimated, actual: not yet reported to the actor
+        self._unspent = 0.0  # USD not yet reported to the actor
+        self._ceiling_reached = False
         self._blocked_until = -math.inf  # in this process's clock
         self._generation = 0
         self.round_trips = 0
@@ -53,11 +65,16 @@ class RayLimiter(RateLimiter):
     async def acquire(self, tokens: int = 0) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self._ceiling_reached:
+                raise CostCeilingReached("the run's spend reached --max-cost")
             booked: asyncio.Future[tuple[float, int]] = loop.create_future()
             self._queue.append((tokens, booked))
             if self._pump is None or self._pump.done() or self._pump.get_loop() is not loop:
                 self._pump = loop.create_task(self._send_queued())
             wait, generation = await booked
+            if math.isinf(wait):
+                self._ceiling_reached = True
+                continue
             if wait > 0:
                 await self._sleep(wait)
             if self._generation == generation or self._clock() >= self._blocked_until:
@@ -68,11 +85,13 @@ class RayLimiter(RateLimiter):
         while self._queue:
             batch, self._queue = self._queue, []
             estimated, actual = self._unsettled
-            self._unsettled = [0, 0]
+            usd, self._unsettled, self._unspent = self._unspent, [0, 0], 0.0
             tokens = [t for t, _ in batch]
             started = self._clock()
             try:
-                waits, blocked_for, generation = await self._actor.reserve.remote(tokens, estimated, actual)
+                waits, blocked_for, generation = await self._actor.reserve.remote(
+                    tokens, estimated, actual, usd, self.refusable
+                )
             except Exception as exc:  # the actor is gone or failed: not swallowed, each waiting caller raises it
                 for _, booked in batch:
                     if not booked.done():
@@ -95,6 +114,9 @@ class RayLimiter(RateLimiter):
         self._unsettled[0] += estimated
         self._unsettled[1] += actual
 
+    async def spend(self, usd: float) -> None:
+        self._unspent += usd
+
     async def penalize(self, retry_after: float | None) -> None:
         blocked_for, generation = await self._actor.penalize.remote(retry_after)
         self._observe(blocked_for, generation)
@@ -109,19 +131,31 @@ class RayLimiter(RateLimiter):
 
 
 class _BudgetActor:
-    """The run's one `TokenBudget`. A plain (threaded, max_concurrency=1) actor: calls run one at a time."""
+    """The run's one `TokenBudget` and spend. A plain (threaded, max_concurrency=1) actor: calls run one at a time."""
 
-    def __init__(self, rpm: float | None, tpm: float | None, options: dict[str, float]) -> None:
+    def __init__(
+        self, rpm: float | None, tpm: float | None, options: dict[str, float], max_cost: float | None = None
+    ) -> None:
         self.budget = TokenBudget(rpm, tpm, **options)
+        self.max_cost = max_cost
+        self.spent = 0.0
+        self.refused = 0
 
-    def reserve(self, tokens: list[int], estimated: int = 0, actual: int = 0) -> tuple[list[float], float, int]:
-        """Apply the caller's token corrections, then book one request per entry of `tokens`, in order.
+    def reserve(
+        self, tokens: list[int], estimated: int = 0, actual: int = 0, usd: float = 0.0, refusable: bool = True
+    ) -> tuple[list[float], float, int]:
+        """Apply the caller's token corrections and spend, then book one request per entry of `tokens`, in order.
 
-        Returns (the wait of each, seconds the budget is blocked for, 429s seen so far).
+        Returns (the wait of each, seconds the budget is blocked for, 429s seen so far). Once the spend
+        has reached `max_cost`, a `refusable` caller's requests are not booked and every wait is infinite.
         """
         now = time.monotonic()
         if estimated or actual:
             self.budget.settle(estimated, actual, now=now)
+        self.spent += usd
+        if refusable and self.max_cost is not None and self.spent >= self.max_cost:
+            self.refused += len(tokens)
+            return [math.inf] * len(tokens), self.budget.blocked_for(now), self.budget.penalties
         waits = [self.budget.reserve(1, t, now=now) for t in tokens]
         return waits, self.budget.blocked_for(now), self.budget.penalties
 
@@ -130,10 +164,15 @@ class _BudgetActor:
         return blocked_for, self.budget.penalties
 
     def settings(self) -> dict[str, float | None]:
-        return self.budget.settings()
+        return {**self.budget.settings(), "max_cost": self.max_cost}
 
     def stats(self) -> dict[str, Any]:
-        return self.budget.stats(now=time.monotonic())
+        return {
+            **self.budget.stats(now=time.monotonic()),
+            "max_cost": self.max_cost,
+            "spent_usd": self.spent,
+            "refused": self.refused,
+        }
 
 
 @dataclass(frozen=True)
@@ -159,21 +198,29 @@ class RayLimiterRef:
 
         return ray.get_actor(self.name, namespace=self.namespace)
 
-    def connect(self, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> RayLimiter:
-        """A client of the named actor; call once per Stage actor (in `__init__`)."""
-        return RayLimiter(self.handle(), clock=clock, sleep=sleep)
+    def connect(
+        self, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, refusable: bool = True
+    ) -> RayLimiter:
+        """A client of the named actor; call once per Stage actor (in `__init__`).
+
+        `refusable=False`: never refused at the cost ceiling (for a stage that finishes rows already started).
+        """
+        return RayLimiter(self.handle(), clock=clock, sleep=sleep, refusable=refusable)
 
 
 def limiter_name(run_id: str) -> str:
     return f"{LIMITER_NAME_PREFIX}{run_id}"
 
 
-def get_or_create_limiter(run_id: str, rpm: float | None, tpm: float | None, **options: float) -> RayLimiterRef:
+def get_or_create_limiter(
+    run_id: str, rpm: float | None, tpm: float | None, *, max_cost: float | None = None, **options: float
+) -> RayLimiterRef:
     """On the driver: the run's limiter actor, created on first call, found by name afterwards.
 
     The actor takes no CPU (so it never holds back a pool on a small machine). It is not detached: it
     ends with the job, or earlier, when the driver lets go of the returned ref (which holds its handle),
-    so keep the ref until the run is over. `options` are TokenBudget's keyword arguments. Raises
+    so keep the ref until the run is over. `max_cost`: the run's ceiling on spend in USD (None: no
+    ceiling). `options` are TokenBudget's keyword arguments. Raises
     ConfigError for invalid limits, or when an actor of that name already exists with other settings.
     """
     import ray
@@ -192,9 +239,9 @@ def get_or_create_limiter(run_id: str, rpm: float | None, tpm: float | None, **o
             max_restarts=3,
             max_task_retries=3,
         )
-        .remote(rpm, tpm, options)
+        .remote(rpm, tpm, options, max_cost)
     )
     existing = ray.get(actor.settings.remote())
-    if existing != budget.settings():
+    if existing != {**budget.settings(), "max_cost": max_cost}:
         raise ConfigError(f"rate limiter {name!r} already exists with other settings: {existing}")
     return RayLimiterRef(name=name, namespace=namespace, actor=actor)

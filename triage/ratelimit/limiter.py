@@ -19,10 +19,15 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class CostCeilingReached(Exception):
+    """The run's spend reached its ceiling (--max-cost): no new request may be sent."""
+
+
 class RateLimiter(ABC):
     """Around each LM request: `acquire` before sending, `settle` after an answer, `penalize` on a 429.
 
-    `acquire` returns when the request may be sent. `settle` and `penalize` are optional refinements
+    `acquire` returns when the request may be sent (or raises `CostCeilingReached` when a ceiling on
+    the run's spend is set and reached). `settle`, `spend` and `penalize` are optional refinements
     (no-ops here). Methods are called from one event loop.
     """
 
@@ -35,6 +40,9 @@ class RateLimiter(ABC):
 
     async def penalize(self, retry_after: float | None) -> None:  # noqa: B027 - optional hook, no-op by default
         """The provider answered 429; `retry_after` is its Retry-After in seconds, if any."""
+
+    async def spend(self, usd: float) -> None:  # noqa: B027 - optional hook, no-op by default
+        """A request's answer cost `usd` (counted against the run's ceiling, where there is one)."""
 
     def stats(self) -> dict[str, Any]:
         """What the limiter knows locally (the shared counters live in the budget)."""
