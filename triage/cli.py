@@ -12,7 +12,10 @@ from typing import get_args
 from triage.errors import TriageError, redact
 from triage.settings import ENV_PREFIX, Settings, resolve_settings
 
-RUN_FLAGS = ("input", "output", "model", "api_base", "optimized_dir", "concurrency", "limit", "rpm", "tpm", "overwrite")
+RUN_FLAGS = (
+    *("input", "output", "model", "api_base", "optimized_dir", "concurrency", "limit", "rpm", "tpm", "overwrite"),
+    *("batch", "no_wait", "batch_retry"),
+)
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 

@@ -49,11 +49,22 @@ def price_per_token(model: str) -> tuple[float, float] | None:
     return float(entry["input_cost_per_token"]), float(entry.get("output_cost_per_token") or 0.0)
 
 
-def estimated_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+# What a provider's batch API charges against its online price (OpenAI Batch API, Anthropic Message Batches).
+BATCH_PRICE_FACTOR = {"openai": 0.5, "anthropic": 0.5}
+
+
+def batch_price_factor(model: str) -> float | None:
+    """The share of the online price a model's provider charges in its batch API, or None without one."""
+    provider, _, name = model.partition("/")
+    return BATCH_PRICE_FACTOR.get(provider) if name else None
+
+
+def estimated_cost(model: str, prompt_tokens: int, completion_tokens: int, *, factor: float = 1.0) -> float | None:
+    """USD at the model's listed price; `factor` scales it (`batch_price_factor` for batch jobs)."""
     prices = price_per_token(model)
     if prices is None:
         return None
-    return round(prompt_tokens * prices[0] + completion_tokens * prices[1], 6)
+    return round((prompt_tokens * prices[0] + completion_tokens * prices[1]) * factor, 6)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +57,19 @@ class RunSummary:
     duplicates: int
     seconds: float
     output: str
+    batch: str = ""  # --batch: the jobs, their tokens and cost; with jobs still running, how to collect them
+    pending: bool = False
 
     def line(self) -> str:
+        if self.pending:
+            return self.batch
+        batch = f"; {self.batch}" if self.batch else ""
         duplicates = f", {self.duplicates} duplicate call_ids made unique" if self.duplicates else ""
         return (
             f"{self.rows_in} rows in, {self.skipped} skipped as already done, {self.triaged} triaged, "
             f"{self.rows_out} rows out, {self.rows_with_errors} with errors, {self.rows_to_review} to review"
             f"{duplicates}, "
-            f"{self.seconds:.1f}s -> {self.output}"
+            f"{self.seconds:.1f}s -> {self.output}{batch}"
         )
 
 
@@ -165,6 +170,10 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     starts the output afresh. A manifest of the run is written beside the output.
     """
     started, started_at = time.monotonic(), now_iso()
+    if settings.batch:
+        from triage.batch import check_batch_model
+
+        check_batch_model(settings)
     check_credentials(settings)
     files = resolve_input_files(settings.input)
     for file in files:
@@ -182,7 +191,11 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
 
     programs = {stage.name: ProgramSource.load(settings.optimized_dir, stage.program_file) for stage in STAGES}
     tally = Tally()
-    if skipped < scan.rows:
+    if skipped < scan.rows and settings.batch:
+        from triage.batch import triage_in_batches
+
+        tally = triage_in_batches(settings, files, scan, done, programs, verbose=verbose)
+    elif skipped < scan.rows:
         tally = _triage(settings, files, scan, done, programs, verbose=verbose)
 
     table = read_output(output, ["errors", "review"])
@@ -196,6 +209,8 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
         len(scan.duplicates),
         time.monotonic() - started,
         str(output),
+        batch=tally.batch["summary"] if tally.batch else "",
+        pending=bool(tally.batch and tally.batch["pending"]),
     )
     write_manifest(
         output,
@@ -219,8 +234,13 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
             "finished": now_iso(),
             "seconds": round(summary.seconds, 3),
             "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
-            "estimated_cost_usd": estimated_cost(settings.model, tally.prompt_tokens, tally.completion_tokens),
+            "estimated_cost_usd": (
+                tally.batch["estimated_cost_usd"]["total"]
+                if tally.batch
+                else estimated_cost(settings.model, tally.prompt_tokens, tally.completion_tokens)
+            ),
             "rate_limit": tally.rate_limit,
+            **({"batch": tally.batch} if tally.batch else {}),
             "settings": settings.describe(),
             "versions": package_versions(),
         },
@@ -237,6 +257,8 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     rate_limit: dict[str, Any] | None = None  # the shared limiter's counters, when --rpm or --tpm is set
+    batch: dict[str, Any] | None = None  # --batch: the manifest's batch section (triage.batch.runner)
+    written: list[str] = field(default_factory=list)  # --batch: call_ids written by this run
 
     def add(self, batch: pa.Table) -> tuple[int, int]:
         errors = batch.num_rows - batch.column("errors").null_count
