@@ -137,9 +137,8 @@ class FakeBatchProvider(FakeProvider):
             if path == "/v1/messages" and method == "POST":
                 self._count("POST /v1/messages")
                 return self._online_message(raw)
-            route = f"{method} " + "/".join(
-                p if i < 3 or p in ("content", "cancel", "results") else "{id}" for i, p in enumerate(parts)
-            )
+            literal = ("v1", "files", "batches", "messages", "content", "cancel", "results")
+            route = f"{method} " + "/".join(part if part in literal or not part else "{id}" for part in parts)
             self._count(route)
             if self.api_key is not None and self.api_key not in (
                 headers.get("authorization", "").removeprefix("Bearer "),

@@ -64,7 +64,7 @@ class BatchClient:
     def _call(self, what: str, operation, *args):  # noqa: ANN001, ANN202 - a thin retry wrapper
         retrying = Retrying(
             retry=retry_if_exception(_transient),
-            wait=wait_exponential_jitter(initial=0.5, max=30.0),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30.0),
             stop=stop_after_attempt(self.settings.max_retries + 1),
             reraise=True,
         )
