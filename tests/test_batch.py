@@ -268,3 +268,33 @@ def test_sigkill_while_waiting_then_the_same_command_submits_nothing_new(tmp_pat
     assert stats["per_transcript"] == {}
     assert_own_answers(pd.read_parquet(tmp_path / "out"), dict(zip(ids, transcripts, strict=True)))
     assert len(list((tmp_path / "out").glob(f"{PREFIX}*"))) == 3
+
+
+def test_a_server_without_batch_routes_is_one_line_and_leaves_no_job_behind(tmp_path, ray_local):
+    from tests.fake_provider import FakeProvider
+    from triage.errors import TriageError
+    from triage.pipeline import run
+
+    write_calls(tmp_path / "calls.jsonl", calls(3))
+    with FakeProvider() as provider:  # chat completions only: no /files, no /batches
+        settings = settings_for(tmp_path, provider, "out", model="openai/my-model", batch=True)  # type: ignore[arg-type]
+        with pytest.raises(TriageError, match=r"^batch submit failed \(openai\): .*HTTP 404") as caught:
+            run(settings)
+    assert "\n" not in str(caught.value) and KEY not in str(caught.value)
+    assert Ledger(tmp_path / "out").jobs == []  # refused outright: nothing to collect on a rerun
+
+
+def test_an_answer_is_never_given_to_a_prompt_it_was_not_asked_for(tmp_path, ray_local):
+    from triage.pipeline import run
+
+    transcripts = calls(10)
+    ids = write_calls(tmp_path / "calls.jsonl", transcripts)
+    with FakeBatchProvider(polls=2) as provider:
+        assert run(settings_for(tmp_path, provider, "out", batch=True, no_wait=True)).pending  # nearest-call demos
+        # Collected with other programs (the default prompts): every batch answer was for another prompt.
+        changed = settings_for(tmp_path, provider, "out", batch=True, optimized_dir=str(tmp_path / "none"))
+        summary = run(changed)
+        stats = provider.stats()
+    assert summary.rows_out == 10 and summary.rows_with_errors == 0
+    assert stats["per_transcript"] == {transcript_key(t): 2 for t in transcripts}  # all asked again online
+    assert_own_answers(pd.read_parquet(tmp_path / "out"), dict(zip(ids, transcripts, strict=True)))

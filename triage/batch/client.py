@@ -29,6 +29,10 @@ BATCH_PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}
 KEEPS_LABELS = {"openai"}
 
 
+class SubmitRefused(TriageError):
+    """The provider answered the submit with a client error (4xx): no job was created."""
+
+
 def check_batch_model(settings: Settings) -> None:
     """A one-line ConfigError when the model's provider has no batch API this tool can use."""
     if is_local_model(settings.model) or settings.provider not in BATCH_PROVIDERS:
@@ -88,7 +92,11 @@ class BatchClient:
             return self.lm.batch_submit(batch)
         except Exception as exc:
             text = redact(f"{type(exc).__name__}: {first_line(exc)}", self._secrets)
-            raise TriageError(f"batch submit failed ({self.provider}): {text}") from None
+            status = getattr(exc, "status", None)
+            refused = isinstance(status, int) and 400 <= status < 500
+            raise (SubmitRefused if refused else TriageError)(
+                f"batch submit failed ({self.provider}): {text}"
+            ) from None
 
     def status(self, job_id: str) -> BatchJobInfo:
         return self._call("status", self.lm.batch_status, job_id)

@@ -165,8 +165,10 @@ class _BatchAnswers:
                 problems = validation_problems(values, self.signature, self.may_be_empty)  # type: ignore[attr-defined]
             except AdapterParseError as exc:
                 problems = [f"the answer could not be parsed ({first_line(exc)})"]
-            except RequestChanged as exc:
-                problems, feedback = [str(exc)], None
+            except Exception as exc:
+                if (changed := request_changed(exc)) is None:
+                    raise
+                problems, feedback = [str(changed)], None
             if not problems:
                 return Answer(values, 1)
             problem = f"the batch answer was rejected: {'; '.join(problems)}"
@@ -188,12 +190,21 @@ class _BatchAnswers:
                 try:
                     prediction = await self.program.acall(transcript=transcript)  # type: ignore[attr-defined]
                 finally:
-                    if not isinstance(sys.exc_info()[1], RequestChanged):  # DSPy counted it: so do we
+                    if request_changed(sys.exc_info()[1]) is None:  # DSPy counted its usage: so do we
                         slot.prompt_tokens += int(response.usage.input_tokens or 0)
                         slot.completion_tokens += int(response.usage.output_tokens or 0)
         finally:
             REPLAY.reset(token)
         return {name: prediction.get(name) for name in self.signature.output_fields}  # type: ignore[attr-defined]
+
+
+def request_changed(exc: BaseException | None) -> RequestChanged | None:
+    """The `RequestChanged` behind `exc` (DSPy wraps what an engine raises), or None."""
+    while exc is not None:
+        if isinstance(exc, RequestChanged):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

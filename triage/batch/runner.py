@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from triage.batch.client import BatchClient
+from triage.batch.client import BatchClient, SubmitRefused
 from triage.batch.collect import (
     BATCH_STAGES,
     BATCH_TOKEN_COLUMNS,
@@ -210,7 +210,11 @@ def _submit(
 ) -> JobRecord:
     """Record the job in the ledger, submit it, record its id: the id is on disk before anything waits on it."""
     job = ledger.new_job(settings.model, round_, [(r.call_id, r.stage, r.sha, r.feedback) for r in requests])
-    info = client.submit([request_from_json(r.request) for r in requests], job.label)
+    try:
+        info = client.submit([request_from_json(r.request) for r in requests], job.label)
+    except SubmitRefused:
+        ledger.forget(job)  # refused outright: there is no job to find on a rerun
+        raise
     job.id, job.status, job.submitted_at = info.id, info.status, now_iso()
     ledger.save(job)
     state.submitted.append(info.id)
