@@ -122,11 +122,12 @@ class _BatchAnswers:
         import ray
 
         super().__init__(config, **kwargs)  # type: ignore[call-arg]
-        table = ray.get(options.answers[0])
-        self._answers = {
-            call_id: row
-            for call_id, row in zip(table.column("call_id").to_pylist(), table.to_pylist(), strict=True)
-            if row["stage"] == self.name
+        # The table stays in Ray's shared memory (read zero-copy by every actor on a node); only an
+        # index of this stage's rows is built here, and a row is read when its answer is needed.
+        self._table = ray.get(options.answers[0])
+        stages = self._table.column("stage").to_pylist()
+        self._index = {
+            call_id: i for i, call_id in enumerate(self._table.column("call_id").to_pylist()) if stages[i] == self.name
         }
         self.options = options
         self.replay = LMSetup(replay_lm(config.settings.model), self.setup.adapter_class)  # type: ignore[attr-defined]
@@ -146,7 +147,8 @@ class _BatchAnswers:
         return _set_column(table, RETRY_PREFIX + self.name, retry)
 
     async def _batch_row(self, row: dict[str, Any]) -> tuple[RowOutcome, _Slot]:
-        slot = _Slot(self._answers.get(row["call_id"]))
+        index = self._index.get(row["call_id"])
+        slot = _Slot(self._table.slice(index, 1).to_pylist()[0] if index is not None else None)
         token = _SLOT.set(slot)
         try:
             outcome = await self._triage_row(row)  # type: ignore[attr-defined]
