@@ -25,6 +25,9 @@ RUN_FLAGS = (
     "max_cost",
     "demos",
     "overwrite",
+    "batch",
+    "no_wait",
+    "batch_retry",
 )
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 

@@ -14,7 +14,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,13 @@ class RunSummary:
     output: str
     left_at_ceiling: int = 0  # rows not triaged because the spend reached --max-cost
     max_cost: float | None = None
+    batch: str = ""  # --batch: the jobs, their tokens and cost; with jobs still running, how to collect them
+    pending: bool = False
 
     def line(self) -> str:
+        if self.pending:
+            return self.batch
+        batch = f"; {self.batch}" if self.batch else ""
         duplicates = f", {self.duplicates} duplicate call_ids made unique" if self.duplicates else ""
         stopped = (
             f"; stopped at --max-cost {usd(self.max_cost or 0)} with {self.left_at_ceiling} rows left: run the same "
@@ -73,7 +78,7 @@ class RunSummary:
             f"{self.rows_in} rows in, {self.skipped} skipped as already done, {self.triaged} triaged, "
             f"{self.rows_out} rows out, {self.rows_with_errors} with errors, {self.rows_to_review} to review"
             f"{duplicates}, "
-            f"{self.seconds:.1f}s -> {self.output}{stopped}"
+            f"{self.seconds:.1f}s -> {self.output}{stopped}{batch}"
         )
 
 
@@ -171,6 +176,10 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     starts the output afresh. A manifest of the run is written beside the output.
     """
     started, started_at = time.monotonic(), now_iso()
+    if settings.batch:
+        from triage.batch import check_batch_model
+
+        check_batch_model(settings)
     check_credentials(settings)
     files = resolve_input_files(settings.input)
     for file in files:
@@ -189,9 +198,16 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
     programs = {stage.name: ProgramSource.load(settings.optimized_dir, stage.program_file) for stage in STAGES}
     tally = Tally()
     if skipped < scan.rows:
-        estimate = check_cost_ceiling(settings, files, scan, done, STAGES, programs)  # before anything is sent
+        estimate = check_cost_ceiling(  # before anything is sent
+            settings, files, scan, done, STAGES, programs, batch=settings.batch
+        )
         if estimate is not None:
             logger.info("estimated cost %s, within --max-cost %s", estimate.describe(), usd(settings.max_cost or 0))
+    if skipped < scan.rows and settings.batch:
+        from triage.batch import triage_in_batches
+
+        tally = triage_in_batches(settings, files, scan, done, programs, verbose=verbose)
+    elif skipped < scan.rows:
         tally = _triage(settings, files, scan, done, programs, verbose=verbose)
         if estimate is not None and tally.ceiling is not None:
             tally.ceiling["estimated_usd"] = estimate.usd
@@ -209,6 +225,8 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
         str(output),
         tally.left_at_ceiling,
         settings.max_cost,
+        batch=tally.batch["summary"] if tally.batch else "",
+        pending=bool(tally.batch and tally.batch["pending"]),
     )
     write_manifest(
         output,
@@ -236,11 +254,16 @@ def run(settings: Settings, *, verbose: bool = False) -> RunSummary:
                 "completion": tally.completion_tokens,
                 "cached_prompt": tally.cached_prompt_tokens,  # a part of "prompt", read from the provider's cache
             },
-            "estimated_cost_usd": estimated_cost(
-                settings.model, tally.prompt_tokens, tally.completion_tokens, tally.cached_prompt_tokens
+            "estimated_cost_usd": (
+                tally.batch["estimated_cost_usd"]["total"]
+                if tally.batch
+                else estimated_cost(
+                    settings.model, tally.prompt_tokens, tally.completion_tokens, tally.cached_prompt_tokens
+                )
             ),
             "cost_ceiling": tally.ceiling,
             "rate_limit": tally.rate_limit,
+            **({"batch": tally.batch} if tally.batch else {}),
             "settings": settings.describe(),
             "versions": package_versions(),
         },
@@ -260,6 +283,8 @@ class Tally:
     rate_limit: dict[str, Any] | None = None  # the shared limiter's counters, when --rpm or --tpm is set
     left_at_ceiling: int = 0  # rows refused because the spend reached --max-cost (not written)
     ceiling: dict[str, Any] | None = None  # --max-cost and the spend the limiter counted, when set
+    batch: dict[str, Any] | None = None  # --batch: the manifest's batch section (triage.batch.runner)
+    written: list[str] = field(default_factory=list)  # --batch: call_ids written by this run
 
     def add(self, batch: pa.Table) -> tuple[int, int]:
         errors = batch.num_rows - batch.column("errors").null_count

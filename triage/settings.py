@@ -86,6 +86,17 @@ class Settings(BaseSettings):
         "program",
         "demos each call shows: program (as compiled), fixed (the same for every call: a cacheable prompt) or none",
     )
+    # Provider batch mode (`triage.batch`): same input, output and schema, half the price, answers within 24 h.
+    batch: bool = _flag(False, "send the requests as provider batch jobs (OpenAI, Anthropic): half price, slower")
+    no_wait: bool = _flag(False, "--batch: submit the jobs and exit; run the same command again to collect")
+    batch_retry: str = _flag("online", "--batch: failed or invalid answers go again 'online' or in a new 'batch' job")
+    batch_poll_seconds: float = Field(30.0, description="--batch: seconds between two looks at the jobs", gt=0)
+    batch_max_requests: int | None = Field(
+        None, description="--batch: requests per job (default: the provider's limit)", ge=1
+    )
+    batch_max_bytes: int | None = Field(
+        None, description="--batch: bytes per job (default: the provider's limit)", ge=1
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -107,6 +118,13 @@ class Settings(BaseSettings):
     def _is_a_dspy_model_string(cls, value: str | None) -> str | None:
         if value is not None and "/" not in value:
             raise ValueError(f"must be a DSPy model string like 'openai/gpt-4.1-mini' or '{DEFAULT_MODEL}'")
+        return value
+
+    @field_validator("batch_retry")
+    @classmethod
+    def _is_a_retry_path(cls, value: str) -> str:
+        if value not in ("online", "batch"):
+            raise ValueError("must be 'online' or 'batch'")
         return value
 
     @classmethod
