@@ -117,7 +117,8 @@ def test_batch_writes_the_dataset_an_online_run_writes_each_request_sent_once(tm
     assert all(job["id"] in batch.line() for job in section["jobs"])
     assert section["price_factor"] == 0.5 and section["online_tokens"] == {"prompt": 0, "completion": 0}
     tokens = manifest["tokens"]
-    assert section["tokens"] == tokens and tokens["prompt"] > 0
+    assert section["tokens"] == {"prompt": tokens["prompt"], "completion": tokens["completion"]}
+    assert tokens["prompt"] > 0 and tokens["cached_prompt"] == 0  # the fake server reports no cache hits
     full = estimated_cost("openai/gpt-4.1-mini", tokens["prompt"], tokens["completion"])
     assert manifest["estimated_cost_usd"] == pytest.approx(full / 2)
     online_manifest = json.loads((tmp_path / "online" / "_manifest.json").read_text())
