@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import SecretStr
 
+from tests.doubles import committed_programs_unbounded
 from tests.fake_batch_provider import MARKER_BATCH_ERROR, FakeBatchProvider
 from tests.fake_provider import MARKER_MALFORMED, expected_answer, transcript_key
 from tests.processes import stop_session
@@ -66,7 +67,7 @@ def settings_for(tmp_path: Path, provider: FakeBatchProvider, output: str, **ext
         model="openai/gpt-4.1-mini",
         api_base=provider.url,
         api_key=SecretStr(KEY),
-        optimized_dir=str(ROOT / "optimized"),  # the committed programs: nearest-call demos per row
+        optimized_dir=committed_programs_unbounded(tmp_path / "programs"),  # nearest-call demos per row
         concurrency=8,
         cache=False,
         batch_poll_seconds=0.05,
@@ -216,7 +217,8 @@ def test_sigkill_while_waiting_then_the_same_command_submits_nothing_new(tmp_pat
     ray_temp = tempfile.mkdtemp(prefix="ray-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIAGE_", "RAY_ADDRESS"))}
     env.update(TRIAGE_CACHE="false", RAY_TMPDIR=ray_temp, TRIAGE_BATCH_POLL_SECONDS="0.1", TRIAGE_API_KEY=KEY)
-    env.update(TRIAGE_BATCH_MAX_REQUESTS="50", TRIAGE_OPTIMIZED_DIR=str(ROOT / "optimized"), PYTHONPATH=str(ROOT))
+    programs = committed_programs_unbounded(tmp_path / "programs")
+    env.update(TRIAGE_BATCH_MAX_REQUESTS="50", TRIAGE_OPTIMIZED_DIR=programs, PYTHONPATH=str(ROOT))
     started: list[subprocess.Popen] = []
 
     def start(provider: FakeBatchProvider) -> subprocess.Popen:
