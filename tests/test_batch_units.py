@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from dspy.lm15 import BatchEntry, ErrorDetail, Message, Response, TextPart, Usage
 
-from tests.doubles import chat_answer, fields_for
+from tests.doubles import chat_answer, committed_programs_unbounded, fields_for
 from triage.batch.collect import job_answers, request_changed
 from triage.batch.engine import REPLAY, Replay, RequestChanged, replay_lm, request_from_json, request_sha
 from triage.batch.ledger import Ledger
@@ -106,7 +108,8 @@ def test_batch_price_is_half_the_online_price_for_openai_and_anthropic():
 
 def _renderer() -> RenderRequests:
     settings = Settings(model="openai/gpt-4.1-mini")
-    programs = {s.name: ProgramSource.load("optimized", s.program_file) for s in (TriageStage, ExtractDetailsStage)}
+    folder = committed_programs_unbounded(Path(tempfile.mkdtemp()))
+    programs = {s.name: ProgramSource.load(folder, s.program_file) for s in (TriageStage, ExtractDetailsStage)}
     return RenderRequests(RenderConfig(settings, (TriageStage, ExtractDetailsStage), programs))
 
 

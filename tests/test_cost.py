@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.doubles import scripted_lm, transcript_of
+from tests.doubles import committed_programs_unbounded, scripted_lm, transcript_of
 from tests.fake_provider import FakeProvider, expected_answer, format_content, parse_request
 from tests.test_cli import triage_cli
 from triage.cost import Prices, estimate_run, estimated_cost, prices
@@ -53,7 +53,7 @@ def test_the_estimate_counts_the_prompts_the_stages_really_send(tmp_path):
     """Rendered with the committed programs (nearest demos), every row sampled: within 2% of what is sent."""
     transcripts = write_calls(tmp_path, 12)
     files = [tmp_path / "calls.jsonl"]
-    settings = Settings(model=PRICED_MODEL, optimized_dir=str(ROOT / "optimized"))
+    settings = Settings(model=PRICED_MODEL, optimized_dir=committed_programs_unbounded(tmp_path / "programs"))
     stages = (TriageStage, ExtractDetailsStage)
     programs = {s.name: ProgramSource.load(settings.optimized_dir, s.program_file) for s in stages}
     assert all(p.state is not None for p in programs.values())

@@ -183,6 +183,7 @@ def test_shared_rate_limit_keeps_a_limited_provider_happy(tmp_path, ray_local):
                 concurrency=16,
                 rpm=900,
                 cache=False,
+                optimized_dir=str(tmp_path / "no-programs"),  # the default prompts, whatever optimized/ holds
             )
         )
         stats = provider.stats()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from pathlib import Path
 
 import pytest
 from dspy.lm15 import CacheConfig, Message, Response, TextPart, Usage
 
-from tests.doubles import ScriptedEngine, chat_answer, fields_for, scripted_lm
+from tests.doubles import ScriptedEngine, chat_answer, committed_programs_unbounded, fields_for, scripted_lm
 from tests.test_stages import make_batch
 from triage.lm import ChatAdapter, LMSetup
 from triage.settings import Settings
@@ -21,7 +22,7 @@ ROWS = ["a fire in the kitchen on Elm Street, smoke everywhere", "my cat is stuc
 
 def requests_for(model: str, demos: str) -> list:
     """The lm15 requests the committed triage program sends for ROWS, with `demos`."""
-    settings = Settings(model=model, demos=demos, optimized_dir=str(ROOT / "optimized"))
+    settings = Settings(model=model, demos=demos, optimized_dir=committed_programs_unbounded(Path(tempfile.mkdtemp())))
     lm, engine = scripted_lm(lambda request: fields_for("triage"))
     program = ProgramSource.load(settings.optimized_dir, "triager.json")
     stage = TriageStage(StageConfig(settings=settings, program=program), lm_setup=LMSetup(lm, ChatAdapter))
