@@ -16,7 +16,7 @@ from triage.demos import nearest_pool
 from triage.evaluation import run_module
 from triage.lm import LMSetup
 from triage.metrics import percent
-from triage.programs import NearestDemos, literal_choices
+from triage.programs import PRIORITIES, NearestDemos, literal_choices
 from triage.retrieval import SimilarCalls, weighted_vote
 from triage.settings import Settings
 from triage.stages import ProgramSource
@@ -78,7 +78,6 @@ def choose_vote(
     return max(scores, key=lambda n: (scores[n], -n)), scores
 
 
-PRIORITY_ORDER = ("urgent", "non_urgent", "not_an_emergency")
 MIN_URGENT_RECALL = 0.95
 
 
@@ -101,8 +100,8 @@ def choose_choice_share(
         probe.choice_share = share
         right = urgent = urgent_kept = 0
         for example in evalset:
-            allowed = probe.neighbourhood(example.transcript).choices.get("priority", PRIORITY_ORDER)
-            answer = min(allowed, key=PRIORITY_ORDER.index)
+            allowed = probe.neighbourhood(example.transcript).choices.get("priority", PRIORITIES)
+            answer = min(allowed, key=PRIORITIES.index)
             right += answer == example.priority
             urgent += example.priority == "urgent"
             urgent_kept += example.priority == "urgent" and answer == "urgent"
