@@ -22,6 +22,7 @@ from triage.cli import main
 from triage.demos import details_demo, is_urgent, select_covering, triage_demo, triage_features
 from triage.errors import TriageError
 from triage.evaluation import load_labeled
+from triage.nearest_search import NearestChoice
 from triage.optimize import OptimizeOptions, OptimizerUnavailable, check_optimizer_available, optimize
 from triage.programs import CATEGORIES, PRIORITIES, CallTriager, DetailExtractor
 from triage.settings import Settings
@@ -134,8 +135,9 @@ def test_nearest_optimize_chooses_k_on_dev_and_saves_a_pool_of_train_and_dev(pro
     assert demo["reasoning"] and demo["summary"] and demo["priority"] == dev[5].priority
     markdown = (out / "report.md").read_text()
     assert "- Optimizer: `nearest`" in markdown
-    assert "triage: nearest demos, k=1 (metric on eval: k=1: " in markdown
-    assert "; k=1, choices=5: " in markdown  # the bound was tried with the chosen k
+    # Every k was tried with the bound, then the best k without it (kept: the fake answers no better bounded).
+    assert "triage: nearest demos, k=1 (metric on eval: k=1, choices=5" in markdown
+    assert "; k=2, choices=5" in markdown and "; k=1: " in markdown
     assert "extract_details: nearest demos, k=1 (metric on eval: k=1: " in markdown
     assert "choices" not in markdown.split("extract_details: nearest demos")[1].split("\n")[0]  # no labels to bound
     assert f"the saved programs' pool adds {DEV} ({len(train) + len(dev)} labelled calls)" in markdown
@@ -165,8 +167,11 @@ def test_nearest_optimize_keeps_the_neighbours_bound_when_it_scores_better(tmp_p
     report = json.loads((tmp_path / "optimized" / "report.json").read_text())
     share = triager.nearest.choice_share
     assert share in OptimizeOptions().choice_share_candidates
-    bound = "k=1, choices=3" + (f" (share >= {share:g})" if share else "")
-    assert f"triage: nearest demos, {bound} (metric on eval: k=1: " in "\n".join(report["notes"])
+    assert triager.nearest.classified in ((), ("category",)) and triager.nearest.classifier_share == share
+    bound = NearestChoice(1, 3, share, triager.nearest.classified).describe()
+    assert bound.startswith("k=1, choices=3")
+    notes = "\n".join(report["notes"])
+    assert f"triage: nearest demos, {bound} (metric on eval: {bound}: " in notes and "; k=1: " in notes
 
 
 def write_old_files(out: Path) -> None:

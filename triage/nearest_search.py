@@ -34,9 +34,12 @@ class NearestChoice:
     k: int
     choices: int = 0
     choice_share: float = 0.0
+    classified: tuple[str, ...] = ()  # labels bounded by the pool's classifier instead of the neighbours
 
     def describe(self) -> str:
         bound = f", choices={self.choices}" + (f" (share >= {self.choice_share:g})" if self.choice_share else "")
+        if self.classified:
+            bound += f", {'/'.join(self.classified)} by the classifier"
         return f"k={self.k}" + (bound if self.choices else "")
 
 
@@ -51,6 +54,8 @@ def nearest_program(
         "vote": vote,
         "choices": chosen.choices,
         "choice_share": chosen.choice_share,
+        "classified": chosen.classified,
+        "classifier_share": chosen.choice_share,
     }
     program.nearest.load_state({**state, "pool": nearest_pool(examples, target.demo)})
     return program
@@ -112,6 +117,36 @@ def choose_choice_share(
     return max(scores, key=lambda share: (scores[share], -share)), scores
 
 
+def choose_classified(
+    trainset: list[dspy.Example], evalset: list[dspy.Example], n: int, share: float, labels: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Of `labels`, those whose likeliest value is right more often on eval (train as the pool) by
+    the classifier on the pool than by the similarity of the `n` nearest calls: those are bounded
+    by the classifier. Offline, for a model that takes the likeliest label left. (Not priority:
+    its bound is chosen for a model that takes the most urgent label left, `choose_choice_share`.)
+    """
+    pool = [{"transcript": e.transcript, "priority": e.priority, "category": e.category} for e in trainset]
+    by_neighbours = NearestDemos(pool, k=1, choices=n, choice_share=share)
+    by_classifier = NearestDemos(pool, k=1, choices=n, choice_share=share, classified=labels, classifier_share=share)
+    kept = []
+    for label in labels:
+        right = {"neighbours": 0, "classifier": 0}
+        for example in evalset:
+            for name, probe in (("neighbours", by_neighbours), ("classifier", by_classifier)):
+                likeliest = probe.neighbourhood(example.transcript).choices.get(label, ("",))[0]
+                right[name] += likeliest == example[label]
+        logger.info(
+            "      %s, likeliest label on eval: %d nearest calls %s, classifier %s",
+            label,
+            n,
+            percent(right["neighbours"] / len(evalset)),
+            percent(right["classifier"] / len(evalset)),
+        )
+        if right["classifier"] > right["neighbours"]:
+            kept.append(label)
+    return tuple(kept)
+
+
 def choose_nearest(
     target: Target,
     options: OptimizeOptions,
@@ -120,12 +155,13 @@ def choose_nearest(
     settings: Settings,
     setup: LMSetup,
 ) -> tuple[NearestChoice, dict[NearestChoice, float]]:
-    """The nearest-demo settings with the best mean metric on `evalset`: first the number of demos
-    (of `options.k_candidates`), then, for a program with labels, whether the neighbours' labels
-    bound its answer (`options.choices_candidates`, against none).
+    """The nearest-demo settings with the best mean metric on `evalset`.
 
-    The pool is the train split only, so no evaluated call is shown itself. Ties go to the smaller
-    k (the shorter prompt) and to no bound.
+    For a program with labels, the bound of its answer is chosen offline first (the share, and
+    which labels the classifier bounds), then every k of `options.k_candidates` is scored with
+    it, and the best k once more without it. Otherwise only k is chosen. The pool is the train
+    split only, so no evaluated call is shown itself. A larger k must score more than one eval
+    call better per extra demo (the shorter prompt wins otherwise); ties go to no bound.
     """
     scores: dict[NearestChoice, float] = {}
 
@@ -140,19 +176,26 @@ def choose_nearest(
         logger.info("      %s with %s: metric %s", target.name, chosen.describe(), percent(scores[chosen]))
         return scores[chosen]
 
-    def best(candidates: list[NearestChoice]) -> NearestChoice:
-        return max(candidates, key=lambda c: (scores[c], -c.k, -c.choices, c.choice_share))
+    one_call = 1 / max(len(evalset), 1)
 
-    by_k = [NearestChoice(k) for k in sorted(options.k_candidates)]
-    for chosen in by_k:
-        score(chosen)
-    k = best(by_k).k
-    bounded = [
-        NearestChoice(k, n, choose_choice_share(trainset, evalset, n, options.choice_share_candidates)[0])
-        for n in sorted(set(options.choices_candidates))
-        if n > 0
-    ]
-    if has_choices(target):
-        for chosen in bounded:
-            score(chosen)
+    def best(candidates: list[NearestChoice]) -> NearestChoice:
+        # Each demo past the first must earn more than one eval call's worth of metric: it costs
+        # the embedded model about a second per call, and one call on a small split is noise.
+        return max(candidates, key=lambda c: (scores[c] - (c.k - 1) * one_call, -c.k, -c.choices, c.choice_share))
+
+    ks = sorted(options.k_candidates)
+    if not has_choices(target):
+        for k in ks:
+            score(NearestChoice(k))
+        return best(list(scores)), scores
+    for n in sorted({n for n in options.choices_candidates if n > 0}):
+        share = choose_choice_share(trainset, evalset, n, options.choice_share_candidates)[0]
+        classified = choose_classified(trainset, evalset, n, share, ("category",))
+        for k in ks:
+            score(NearestChoice(k, n, share, classified))
+    if scores:  # the bound is kept only if the model scores better with it than without, at its best k
+        score(NearestChoice(best(list(scores)).k))
+    else:
+        for k in ks:
+            score(NearestChoice(k))
     return best(list(scores)), scores

@@ -41,11 +41,26 @@ class SimilarCalls:
         return [(int(i), float(similarities[i])) for i in order]
 
 
-def weighted_vote(votes: Sequence[tuple[str, float]]) -> str:
-    """The label with the largest summed similarity; a tie goes to the label met first (the nearer call's)."""
+def label_totals(votes: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """label -> summed similarity of the calls carrying it, in the order the labels are met."""
     totals: dict[str, float] = {}
     for label, similarity in votes:
         totals[label] = totals.get(label, 0.0) + similarity
+    return totals
+
+
+def label_shares(votes: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """label -> its share of the summed similarity (equal shares when every similarity is 0)."""
+    totals = label_totals(votes)
+    whole = sum(totals.values())
+    if whole <= 0:
+        return {label: 1 / len(totals) for label in totals}
+    return {label: total / whole for label, total in totals.items()}
+
+
+def weighted_vote(votes: Sequence[tuple[str, float]]) -> str:
+    """The label with the largest summed similarity; a tie goes to the label met first (the nearer call's)."""
+    totals = label_totals(votes)
     return max(totals, key=totals.__getitem__)
 
 
