@@ -153,7 +153,7 @@ class ModuleRun:
     program: str
     predictions: list[dict[str, str] | None]
     reviews: list[list[str]] = field(default_factory=list)  # per call: reasons to doubt the answer
-    opinions: list[dict[str, float]] = field(default_factory=list)  # per call: the second opinion, if any
+    opinions: list[dict[str, dict[str, float]]] = field(default_factory=list)  # per call: what the labelled calls say
     failures: list[tuple[str, str]] = field(default_factory=list)  # (call_id, error)
     usage: Usage = field(default_factory=Usage)
     seconds: float = 0.0
@@ -193,8 +193,8 @@ def run_module(
             answer = await stage.answer(example.transcript)
             run.predictions[index] = answer.values
             run.reviews[index] = stage.review(example.transcript, answer)
-            if getattr(stage, "second_opinion", None) is not None:
-                run.opinions[index] = stage.second_opinion.probabilities(example.transcript)
+            if hasattr(stage, "evidence"):
+                run.opinions[index] = stage.evidence(example.transcript)
         except Exception as exc:  # a failed call is scored as wrong; the run goes on
             text = f"{type(exc).__name__}: {first_line(exc)}"
             run.failures.append((example.call_id, redact(text, secrets)[:300]))
@@ -407,7 +407,8 @@ def evaluate_programs(
                 "gold": {name: example[name] for name in LABEL_FIELDS if name != "transcript"},
                 **{name: run.predictions[i] for name, run in runs.items()},
                 "review": reviews[i],
-                "second_opinion": triaged.opinions[i] or None,
+                "second_opinion": triaged.opinions[i].get("second_opinion") or None,
+                "neighbours": triaged.opinions[i].get("neighbours") or None,
             }
             for i, example in enumerate(examples)
         ],

@@ -5,18 +5,23 @@ Each stage adds its reasons to the row's `review` column (null when there are no
 
 1. "possible under-triage: ..." the second opinion (a classifier on the labelled calls,
    `triage.retrieval.SecondOpinion`) would answer a more urgent level than the LM, or gives
-   the levels more urgent than the LM's answer at least `UNDER_TRIAGE_P` together.
+   the levels more urgent than the LM's answer at least `UNDER_TRIAGE_P` together; or most
+   of the `NEIGHBOURS` most similar labelled calls (by similarity) say a more urgent level.
 2. "priority disagrees: ..." the second opinion would answer a less urgent level (with at
    least `DISAGREE_P` confidence; 0: whenever it would).
-3. "answered on attempt N": earlier answers did not validate.
-4. "location not in the transcript: ..." / "subject not in the transcript: ..." (`triage.grounding`).
-5. "transcript cut ...": the reader shortened an overlong transcript (set by the reader).
+3. "priority weakly backed: ..." less than `MIN_SUPPORT` of the similarity of the `NEIGHBOURS`
+   most similar labelled calls is on calls with the LM's priority. The classifier and the
+   LM's bounded answer share many errors (both read the same labelled calls); the neighbours'
+   split shows where the labelled data itself is divided.
+4. "answered on attempt N": earlier answers did not validate.
+5. "location not in the transcript: ..." / "subject not in the transcript: ..." (`triage.grounding`).
+6. "transcript cut ...": the reader shortened an overlong transcript (set by the reader).
 
 The thresholds were chosen on the dev split with the embedded model and the committed programs
-(`.venv/bin/python scripts/tune_review.py optimized/report.json`, docs/quality.md): no pair
-caught 70% of the 21 wrong dev priorities under 25% flagged; flagging every disagreement did
-best (19.2% flagged, 14 of 21 wrong priorities and the one under-triaged call caught), and the
-under-triage net at 70% added no flag there.
+(`.venv/bin/python scripts/tune_review.py optimized/report.json`, docs/quality.md). With the
+classifier alone, flagging every disagreement did best and still missed the errors it shares
+with the LM (dev: 12.3% flagged, 7 of 12 wrong priorities caught); adding the neighbours' split
+at `NEIGHBOURS` = 7 and a plain majority (`MIN_SUPPORT` = 0.5) caught 9 of 12 with 17.8% flagged.
 """
 
 from __future__ import annotations
@@ -28,27 +33,56 @@ from triage.programs import PRIORITIES
 
 UNDER_TRIAGE_P = 0.7
 DISAGREE_P = 0.0
+NEIGHBOURS = 7
+MIN_SUPPORT = 0.5
 _FIELD_NAMES = {"location": "location", "subject_description": "subject"}
 
 
 def priority_reasons(
-    priority: str, opinion: dict[str, float], *, under_triage_p: float = UNDER_TRIAGE_P, disagree_p: float = DISAGREE_P
+    priority: str,
+    opinion: dict[str, float],
+    neighbours: dict[str, float] | None = None,
+    *,
+    under_triage_p: float = UNDER_TRIAGE_P,
+    disagree_p: float = DISAGREE_P,
+    min_support: float = MIN_SUPPORT,
 ) -> list[str]:
-    """Reasons to doubt the LM's `priority`, given the second opinion's probabilities.
+    """Reasons to doubt the LM's `priority`, given the second opinion's probabilities and the
+    neighbours' shares (level -> share of the most similar labelled calls' summed similarity).
 
     Under-triage: the probability the second opinion gives to every level more urgent than the
     answer, summed (for `non_urgent`, that of `urgent`; for `not_an_emergency`, both others).
+    At most one reason of each kind; possible under-triage first.
     """
-    if not opinion or priority not in PRIORITIES:
+    if priority not in PRIORITIES:
         return []
     more_urgent = PRIORITIES[: PRIORITIES.index(priority)]
+    reasons = _classifier_reasons(priority, opinion, more_urgent, under_triage_p, disagree_p) if opinion else []
+    support = neighbours.get(priority, 0.0) if neighbours else 1.0
+    if support < min_support:
+        said = max(neighbours, key=neighbours.__getitem__)
+        if said in more_urgent and not any(r.startswith(UNDER_TRIAGE) for r in reasons):
+            reasons.insert(
+                0, f"{UNDER_TRIAGE}: the nearest labelled calls say {said} ({neighbours[said]:.0%}), answer {priority}"
+            )
+        elif not reasons:
+            reasons.append(f"priority weakly backed: {support:.0%} of the nearest labelled calls say {priority}")
+    return reasons
+
+
+UNDER_TRIAGE = "possible under-triage"
+
+
+def _classifier_reasons(
+    priority: str, opinion: dict[str, float], more_urgent: tuple[str, ...], under_triage_p: float, disagree_p: float
+) -> list[str]:
     p_higher = sum(opinion.get(level, 0.0) for level in more_urgent)
     best = max(opinion, key=opinion.__getitem__)
     if best in more_urgent:
-        return [f"possible under-triage: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
+        return [f"{UNDER_TRIAGE}: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
     if more_urgent and p_higher >= under_triage_p:
         said = more_urgent[0] if len(more_urgent) == 1 else "more urgent"
-        return [f"possible under-triage: similar labelled calls say {said} ({p_higher:.0%}), answer {priority}"]
+        return [f"{UNDER_TRIAGE}: similar labelled calls say {said} ({p_higher:.0%}), answer {priority}"]
     if best != priority and opinion[best] >= disagree_p:
         return [f"priority disagrees: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
     return []

@@ -43,7 +43,7 @@ from triage.lm import LMSetup, build_lm, with_prompt_cache
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
 from triage.retrieval import SecondOpinion
-from triage.review import attempts_reason, grounding_reasons, join_reasons, priority_reasons
+from triage.review import NEIGHBOURS, attempts_reason, grounding_reasons, join_reasons, priority_reasons
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 
@@ -351,10 +351,19 @@ class TriageStage(Stage):
         # A classifier on the program's labelled demo pool (absent with fixed demos): fitted once per actor.
         self.second_opinion = SecondOpinion.from_pool(self.program.nearest.pool, "priority")
 
+    def evidence(self, transcript: str) -> dict[str, dict[str, float]]:
+        """What the labelled calls say of this call's priority: the classifier's probabilities and
+        the shares of its `NEIGHBOURS` most similar calls ({} each without a labelled pool)."""
+        if self.second_opinion is None:
+            return {"second_opinion": {}, "neighbours": {}}
+        return {
+            "second_opinion": self.second_opinion.probabilities(transcript),
+            "neighbours": self.program.nearest.shares(transcript, "priority", NEIGHBOURS),
+        }
+
     def review(self, transcript: str, answer: Answer) -> list[str]:
-        reasons = []
-        if self.second_opinion is not None:
-            reasons += priority_reasons(answer.values["priority"], self.second_opinion.probabilities(transcript))
+        evidence = self.evidence(transcript)
+        reasons = priority_reasons(answer.values["priority"], evidence["second_opinion"], evidence["neighbours"])
         return reasons + super().review(transcript, answer)
 
 
