@@ -3,16 +3,18 @@
     .venv/bin/python scripts/tune_review.py optimized/report.json      # the optimize run's dev calls
     .venv/bin/python scripts/tune_review.py output/evaluation.json      # any `triage evaluate` report
 
-For every pair (UNDER_TRIAGE_P, DISAGREE_P) on a grid it recomputes the priority reasons from each
-call's recorded second opinion (the other reasons, grounding and retries, are kept as recorded) and
-prints the share of calls flagged, the wrong priorities flagged and the under-triaged calls
-flagged. It suggests the pair that flags the fewest calls while catching every under-triaged call
-and at least `--min-catch` of the wrong priorities.
+For every (UNDER_TRIAGE_P, DISAGREE_P, MIN_SUPPORT) on a grid it recomputes the priority reasons
+from each call's recorded second opinion and neighbours' shares (the other reasons, grounding and
+retries, are kept as recorded) and counts the calls flagged, the wrong priorities flagged and the
+under-triaged calls flagged. It prints the grid around the values in force and suggests the triple
+that flags the fewest calls while catching every under-triaged call and at least `--min-catch` of
+the wrong priorities. (MIN_SUPPORT 0 turns the neighbours' rule off.)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -20,11 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triage.metrics import is_under_triage  # noqa: E402
-from triage.review import DISAGREE_P, UNDER_TRIAGE_P, priority_reasons  # noqa: E402
+from triage.review import DISAGREE_P, MIN_SUPPORT, UNDER_TRIAGE_P, priority_reasons  # noqa: E402
 
-PRIORITY_REASONS = ("possible under-triage", "priority disagrees")
+PRIORITY_REASONS = ("possible under-triage", "priority disagrees", "priority weakly backed")
 GRID_UNDER = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01)
 GRID_DISAGREE = (0.0, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 1.01)
+GRID_SUPPORT = (0.0, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 
 
 def calls_of(report: dict) -> list[dict]:
@@ -32,19 +35,23 @@ def calls_of(report: dict) -> list[dict]:
     return report["optimized"]["calls"] if "optimized" in report else report["calls"]
 
 
-def score(calls: list[dict], under_p: float, disagree_p: float) -> tuple[int, int, int, int, int]:
+def score(calls: list[dict], under_p: float, disagree_p: float, min_support: float) -> tuple[int, int, int, int, int]:
     """(flagged, wrong priorities, wrong flagged, under-triaged, under-triaged flagged)."""
     flagged = wrong = wrong_flagged = under = under_flagged = 0
     for call in calls:
         answer = call.get("triage") or {}
         priority = answer.get("priority")
         kept = [r for r in (call.get("review") or "").split("; ") if r and not r.startswith(PRIORITY_REASONS)]
-        reasons = kept + (
-            priority_reasons(priority, call.get("second_opinion") or {}, under_triage_p=under_p, disagree_p=disagree_p)
-            if priority
-            else []
-        )
-        flag = bool(reasons)
+        if priority:
+            kept += priority_reasons(
+                priority,
+                call.get("second_opinion") or {},
+                call.get("neighbours") or {},
+                under_triage_p=under_p,
+                disagree_p=disagree_p,
+                min_support=min_support,
+            )
+        flag = bool(kept)
         flagged += flag
         gold = call["gold"]["priority"]
         if priority and priority != gold:
@@ -56,33 +63,47 @@ def score(calls: list[dict], under_p: float, disagree_p: float) -> tuple[int, in
     return flagged, wrong, wrong_flagged, under, under_flagged
 
 
+def row(calls: list[dict], under_p: float, disagree_p: float, min_support: float) -> str:
+    flagged, wrong, wrong_flagged, under, under_flagged = score(calls, under_p, disagree_p, min_support)
+    return (
+        f"{under_p:7.2f} {disagree_p:10.2f} {min_support:11.2f}  {flagged / len(calls):6.1%}  "
+        f"{wrong_flagged:3d}/{wrong:<3d}      {under_flagged:3d}/{under}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", help="an evaluation or optimize report (.json)")
     parser.add_argument("--min-catch", type=float, default=0.7, help="wrong priorities to catch at least [0.7]")
     args = parser.parse_args()
     calls = calls_of(json.loads(Path(args.report).read_text()))
-    if not any(call.get("second_opinion") for call in calls):
+    if not any(call.get("second_opinion") or call.get("neighbours") for call in calls):
         print("error: the report's calls carry no second opinion (programs without a labelled pool)")
         return 2
-    n = len(calls)
-    print(f"{n} calls; in force now: UNDER_TRIAGE_P={UNDER_TRIAGE_P}, DISAGREE_P={DISAGREE_P}")
-    print("under_p disagree_p  flagged  wrong caught  under-triaged caught")
+    print(
+        f"{len(calls)} calls; in force: UNDER_TRIAGE_P={UNDER_TRIAGE_P}, DISAGREE_P={DISAGREE_P}, "
+        f"MIN_SUPPORT={MIN_SUPPORT}"
+    )
+    header = "under_p disagree_p min_support  flagged  wrong caught  under-triaged caught"
+    print(header)
+    for under_p, disagree_p in itertools.product(GRID_UNDER, GRID_DISAGREE):
+        print(row(calls, under_p, disagree_p, MIN_SUPPORT))
+    print(header)
+    for min_support in GRID_SUPPORT:
+        print(row(calls, UNDER_TRIAGE_P, DISAGREE_P, min_support))
     best = None
-    for under_p in GRID_UNDER:
-        for disagree_p in GRID_DISAGREE:
-            flagged, wrong, wrong_flagged, under, under_flagged = score(calls, under_p, disagree_p)
-            print(
-                f"{under_p:7.2f} {disagree_p:10.2f}  {flagged / n:6.1%}  {wrong_flagged:3d}/{wrong:<3d}      "
-                f"{under_flagged:3d}/{under}"
-            )
-            good = under_flagged == under and wrong_flagged >= args.min_catch * wrong
-            if good and (best is None or flagged < best[0]):
-                best = (flagged, under_p, disagree_p)
+    for under_p, disagree_p, min_support in itertools.product(GRID_UNDER, GRID_DISAGREE, GRID_SUPPORT):
+        flagged, wrong, wrong_flagged, under, under_flagged = score(calls, under_p, disagree_p, min_support)
+        good = under_flagged == under and wrong_flagged >= args.min_catch * wrong
+        if good and (best is None or flagged < best[0]):
+            best = (flagged, under_p, disagree_p, min_support)
     if best is None:
-        print("no pair on the grid meets the aims")
+        print("nothing on the grid meets the aims")
         return 1
-    print(f"suggested: UNDER_TRIAGE_P={best[1]}, DISAGREE_P={best[2]} ({best[0] / n:.1%} flagged)")
+    print(
+        f"suggested: UNDER_TRIAGE_P={best[1]}, DISAGREE_P={best[2]}, MIN_SUPPORT={best[3]} "
+        f"({best[0] / len(calls):.1%} flagged)"
+    )
     return 0
 
 

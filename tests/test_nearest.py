@@ -114,3 +114,36 @@ def test_a_label_with_too_small_a_share_of_the_neighbours_is_no_choice():
     assert kept["priority"] == ("urgent", "non_urgent")
     everything = NearestDemos(POOL, k=2, choices=4, choice_share=1.0).neighbourhood(SMOKE_AND_FLAMES).choices
     assert everything["priority"] == ("urgent",)  # the likeliest always stays
+
+
+def test_a_label_named_in_classified_is_bounded_by_the_pools_classifier_not_the_neighbours():
+    nearest = NearestDemos(POOL, k=1, choices=4, choice_share=0.45, classified=("priority",), classifier_share=0.0)
+    probabilities = nearest.classifier("priority").probabilities(SMOKE_AND_FLAMES)
+    choices = nearest.neighbourhood(SMOKE_AND_FLAMES).choices
+    assert choices["priority"] == tuple(sorted(probabilities, key=lambda p: -probabilities[p]))  # every label: share 0
+    assert choices["category"] == ("fire",)  # still the neighbours'
+    nearest.classifier_share = 1.0
+    likeliest = max(probabilities, key=probabilities.__getitem__)
+    assert nearest.neighbourhood(SMOKE_AND_FLAMES).choices["priority"] == (likeliest,)  # the likeliest stays
+    assert nearest.classifier("animal") is None  # a label the pool does not carry: no classifier
+
+
+def test_the_classifier_bound_survives_save_and_load(tmp_path):
+    program = CallTriager()
+    program.nearest.load_state(
+        {"k": 1, "choices": 3, "choice_share": 0.4, "classified": ["category"], "classifier_share": 0.3, "pool": POOL}
+    )
+    program.save(str(tmp_path / "triager.json"))
+    loaded = CallTriager()
+    loaded.load(str(tmp_path / "triager.json"))
+    assert (loaded.nearest.classified, loaded.nearest.classifier_share) == (("category",), 0.3)
+    unbounded = CallTriager()
+    unbounded.nearest.load_state({"k": 1, "pool": POOL})
+    assert "classified" not in unbounded.dump_state()["nearest_demos"]  # older program files stay as they were
+
+
+def test_shares_are_each_labels_part_of_the_nearest_calls_similarity():
+    shares = NearestDemos(POOL, k=1).shares(SMOKE_AND_FLAMES, "priority", 4)
+    assert set(shares) == {"urgent", "non_urgent"} and sum(shares.values()) == pytest.approx(1.0)
+    assert shares["non_urgent"] == pytest.approx(0.4, abs=0.05)  # as the share bound above sees it
+    assert NearestDemos([], k=1).shares(SMOKE_AND_FLAMES, "priority", 4) == {}

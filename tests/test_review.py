@@ -47,6 +47,34 @@ def test_priority_reasons_put_possible_under_triage_first_and_never_fire_on_agre
     assert priority_reasons("non_urgent", {}) == []  # no second opinion, no reason
 
 
+def test_a_priority_most_of_its_nearest_labelled_calls_do_not_back_is_flagged():
+    agreeing = {"urgent": 0.5, "non_urgent": 0.3, "not_an_emergency": 0.2}
+    split = {"urgent": 0.3, "non_urgent": 0.7}
+    assert priority_reasons("urgent", agreeing, split) == [
+        "priority weakly backed: 30% of the nearest labelled calls say urgent"
+    ]
+    assert priority_reasons("urgent", agreeing, {"urgent": 0.5, "non_urgent": 0.5}) == []  # half is enough
+    assert priority_reasons("urgent", agreeing, {"urgent": 0.45, "non_urgent": 0.55}, min_support=0.4) == []
+    assert priority_reasons("urgent", {}, split) == [
+        "priority weakly backed: 30% of the nearest labelled calls say urgent"
+    ]
+    # The neighbours say more urgent than the answer: possible under-triage, first, whatever the classifier says.
+    calm = {"urgent": 0.1, "non_urgent": 0.3, "not_an_emergency": 0.6}
+    assert priority_reasons("non_urgent", calm, {"urgent": 0.6, "non_urgent": 0.4}) == [
+        "possible under-triage: the nearest labelled calls say urgent (60%), answer non_urgent",
+        "priority disagrees: similar labelled calls say not_an_emergency (60%), answer non_urgent",
+    ]
+    # One reason of a kind: the classifier's under-triage (or disagreement) already says it.
+    leaning_urgent = {"urgent": 0.45, "non_urgent": 0.35, "not_an_emergency": 0.20}
+    assert priority_reasons("non_urgent", leaning_urgent, {"urgent": 0.6, "non_urgent": 0.4}) == [
+        "possible under-triage: similar labelled calls say urgent (45%), answer non_urgent"
+    ]
+    leaning_calm = {"urgent": 0.20, "non_urgent": 0.50, "not_an_emergency": 0.30}
+    assert priority_reasons("urgent", leaning_calm, split) == [
+        "priority disagrees: similar labelled calls say non_urgent (50%), answer urgent"
+    ]
+
+
 def test_join_reasons_keeps_order_and_is_null_when_empty():
     assert join_reasons(None, []) is None
     assert join_reasons("transcript cut", ["a", "b"], None) == "transcript cut; a; b"
@@ -97,6 +125,8 @@ def test_triage_stage_flags_a_priority_its_second_opinion_doubts_and_keeps_the_a
     assert fire_review.endswith("answer non_urgent")
     assert question_review.startswith("priority disagrees: similar labelled calls say not_an_emergency")
     assert fire_review.split("; ")[1].startswith("possible under-triage: similar labelled calls say urgent (")
+    neighbours = stage.evidence(FIRE)["neighbours"]  # the shares the weak-backing rule reads
+    assert max(neighbours, key=neighbours.__getitem__) == "urgent" and sum(neighbours.values()) == pytest.approx(1.0)
     # The prompt showed the two most similar labelled calls, not fixed demos.
     fire_prompt = next(last_user_text(r) for r in engine.requests if "on fire" in transcript_of(r))
     assert fire_prompt.count("[[ ## transcript ## ]]") == 1  # the demos are earlier messages
