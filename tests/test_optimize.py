@@ -16,13 +16,14 @@ import pytest
 
 import triage.atomic
 import triage.demos
+import triage.nearest_search
 import triage.optimize
 from tests.fake_provider import FakeProvider, expected_answer, format_content, parse_request
 from triage.cli import main
 from triage.demos import details_demo, is_urgent, select_covering, triage_demo, triage_features
 from triage.errors import TriageError
-from triage.evaluation import load_labeled
-from triage.nearest_search import NearestChoice
+from triage.evaluation import ModuleRun, load_labeled
+from triage.nearest_search import NearestChoice, choose_nearest
 from triage.optimize import OptimizeOptions, OptimizerUnavailable, check_optimizer_available, optimize
 from triage.programs import CATEGORIES, PRIORITIES, CallTriager, DetailExtractor
 from triage.settings import Settings
@@ -327,3 +328,25 @@ def test_cli_optimize_errors_are_one_line(tmp_path, monkeypatch, capsys, args, m
     captured = capsys.readouterr()
     assert captured.err.startswith(message) and len(captured.err.strip().splitlines()) == 1
     assert captured.out == ""
+
+
+@pytest.mark.parametrize(("gain", "chosen_k"), [(1, 1), (2, 2)])
+def test_a_second_demo_is_kept_only_if_it_earns_more_than_one_eval_call(monkeypatch, gain, chosen_k):
+    """Each demo costs the embedded model about a second per call: k=2 must beat k=1 by more than one call."""
+    target = next(t for t in triage.optimize.TARGETS if t.name == "extract_details")
+    train, evalset = load_labeled(TRAIN, 20), load_labeled(DEV, 10)
+
+    def run_module(stage, settings, setup, source, examples, title=""):
+        right = 5 + (gain if source.state["nearest_demos"]["k"] == 2 else 0)
+        answers = [
+            {"location": e.location, "subject_description": e.subject_description}
+            if i < right
+            else {"location": "Nowhere Lane 99", "subject_description": "a purple giraffe"}
+            for i, e in enumerate(examples)
+        ]
+        return ModuleRun(program=source.label, predictions=answers)
+
+    monkeypatch.setattr(triage.nearest_search, "run_module", run_module)
+    chosen, scores = choose_nearest(target, OptimizeOptions(k_candidates=(1, 2)), train, evalset, None, None)
+    assert scores[NearestChoice(2)] - scores[NearestChoice(1)] == pytest.approx(gain / 10)
+    assert chosen == NearestChoice(chosen_k)
