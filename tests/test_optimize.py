@@ -332,12 +332,13 @@ def test_cli_optimize_errors_are_one_line(tmp_path, monkeypatch, capsys, args, m
 
 @pytest.mark.parametrize(("gain", "chosen_k"), [(1, 1), (2, 2)])
 def test_a_second_demo_is_kept_only_if_it_earns_more_than_one_eval_call(monkeypatch, gain, chosen_k):
-    """Each demo costs the embedded model about a second per call: k=2 must beat k=1 by more than one call."""
+    """Each demo costs the embedded model about a second per call: k=2 must beat k=1 by more than one call.
+    (3 then 4 calls right of 10: 0.4 - 0.1 > 0.3 in floating point, a tie in calls.)"""
     target = next(t for t in triage.optimize.TARGETS if t.name == "extract_details")
     train, evalset = load_labeled(TRAIN, 20), load_labeled(DEV, 10)
 
     def run_module(stage, settings, setup, source, examples, title=""):
-        right = 5 + (gain if source.state["nearest_demos"]["k"] == 2 else 0)
+        right = 3 + (gain if source.state["nearest_demos"]["k"] == 2 else 0)
         answers = [
             {"location": e.location, "subject_description": e.subject_description}
             if i < right

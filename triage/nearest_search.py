@@ -181,7 +181,10 @@ def choose_nearest(
     def best(candidates: list[NearestChoice]) -> NearestChoice:
         # Each demo past the first must earn more than one eval call's worth of metric: it costs
         # the embedded model about a second per call, and one call on a small split is noise.
-        return max(candidates, key=lambda c: (scores[c] - (c.k - 1) * one_call, -c.k, -c.choices, c.choice_share))
+        # (Rounded: a gain of exactly one call must tie, not win or lose by a float's last bit.)
+        return max(
+            candidates, key=lambda c: (round(scores[c] - (c.k - 1) * one_call, 9), -c.k, -c.choices, c.choice_share)
+        )
 
     ks = sorted(options.k_candidates)
     if not has_choices(target):
