@@ -142,6 +142,11 @@ def test_nearest_optimize_chooses_k_on_dev_and_saves_a_pool_of_train_and_dev(pro
     assert "extract_details: nearest demos, k=1 (metric on eval: k=1: " in markdown
     assert "choices" not in markdown.split("extract_details: nearest demos")[1].split("\n")[0]  # no labels to bound
     assert f"the saved programs' pool adds {DEV} ({len(train) + len(dev)} labelled calls)" in markdown
+    # The saved files are named by their own sha256; the programs scored on dev (train pool) are no file.
+    assert ProgramSource.load(out, "triager.json").label in markdown
+    assert ProgramSource.load(out, "detail_extractor.json").label in markdown
+    scored = json.loads((out / "report.json").read_text())["optimized"]["programs"]["triage"]
+    assert scored == "triager.json with the train calls as its pool (saved with dev's added)"
     assert "| nearest labelled call |" in markdown and "| always urgent |" in markdown
 
 

@@ -360,25 +360,31 @@ def optimize(
         "train_calls": len(trainset),
     }
     texts = {t.name: program_json(compiled[t.name], provenance) for t in TARGETS}
-    # Labelled as `ProgramSource.load` will label the files once written (UTF-8, like atomic_write_texts).
-    optimized = {
-        t.name: ProgramSource(
-            json.loads(texts[t.name]), program_label(output_dir / t.stage.program_file, texts[t.name].encode("utf-8"))
-        )
-        for t in TARGETS
-    }
+    # Labelled as `ProgramSource.load` will label the files once written (UTF-8, like atomic_write_texts),
+    # unless the saved pool will differ from the evaluated one (then no file holds these bytes).
+    pool_grows = options.optimizer == "nearest" and options.eval_split == "dev"
+
+    def label(target: Target) -> str:
+        if pool_grows:
+            return f"{target.stage.program_file} with the train calls as its pool (saved with dev's added)"
+        return program_label(output_dir / target.stage.program_file, texts[target.name].encode("utf-8"))
+
+    optimized = {t.name: ProgramSource(json.loads(texts[t.name]), label(t)) for t in TARGETS}
     logger.info("[4/5] evaluating the optimized programs on %d %s calls", len(evalset), options.eval_split)
     after = evaluated(optimized, "optimized")
 
-    if options.optimizer == "nearest" and options.eval_split == "dev":
+    if pool_grows:
         # Tuned and scored with train as the pool; the saved programs draw on dev's labelled calls too.
         pool = trainset + load_labeled(options.dev)
         for target in TARGETS:
             program = nearest_program(target, pool, chosen[target.name], options.max_demo_chars, options.vote)
             texts[target.name] = program_json(program, {**provenance, "pool": [options.train, options.dev]})
+        saved = "; ".join(
+            program_label(output_dir / t.stage.program_file, texts[t.name].encode("utf-8")) for t in TARGETS
+        )
         notes.append(
             f"The figures above use the {len(trainset)} train calls as the demo pool; the saved programs' pool "
-            f"adds {options.dev} ({len(pool)} labelled calls)."
+            f"adds {options.dev} ({len(pool)} labelled calls): {saved}."
         )
     if options.optimizer == "labeled":
         notes.append(
