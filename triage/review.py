@@ -17,11 +17,12 @@ Each stage adds its reasons to the row's `review` column (null when there are no
 5. "location not in the transcript: ..." / "subject not in the transcript: ..." (`triage.grounding`).
 6. "transcript cut ...": the reader shortened an overlong transcript (set by the reader).
 
-The thresholds were chosen on the dev split with the embedded model and the committed programs
+The thresholds were chosen on the dev split with the embedded model
 (`.venv/bin/python scripts/tune_review.py optimized/report.json`, docs/quality.md). With the
 classifier alone, flagging every disagreement did best and still missed the errors it shares
-with the LM (dev: 12.3% flagged, 7 of 12 wrong priorities caught); adding the neighbours' split
-at `NEIGHBOURS` = 7 and a plain majority (`MIN_SUPPORT` = 0.5) caught 9 of 12 with 17.8% flagged.
+with the LM (12.3% flagged, 7 of 12 wrong priorities caught, session 6's programs); the
+neighbours' split at `NEIGHBOURS` = 7 and a plain majority (`MIN_SUPPORT` = 0.5) made it 17.8%
+and 9 of 12 there, and 19.2% and 10 of 13 (both under-triaged calls) with the committed programs.
 """
 
 from __future__ import annotations
