@@ -82,7 +82,7 @@ def test_choices_are_the_labels_the_nearest_calls_carry_likeliest_first():
     assert NearestDemos(POOL, k=2).neighbourhood(SMOKE_AND_FLAMES).choices == {}  # off by default
 
 
-def test_with_choices_the_model_is_asked_and_held_to_the_neighbours_labels():
+def test_with_choices_the_model_is_asked_for_the_neighbours_labels_and_keeps_another_valid_one():
     program = CallTriager()
     program.nearest.load_state({"k": 1, "choices": 4, "pool": POOL})
     answer = {"reasoning": "r", "priority": "urgent", "category": "fire", "summary": "s"}
@@ -92,8 +92,12 @@ def test_with_choices_the_model_is_asked_and_held_to_the_neighbours_labels():
     system = lm.history[-1]["messages"][0]["content"]
     assert "- priority: one of urgent, non_urgent;" in system
     assert "- category: one of fire;" in system
+    # A valid label outside the bound is kept as answered (the review queue says so); an invalid one is not.
     outside = dspy.utils.DummyLM([{**answer, "priority": "not_an_emergency"}], adapter=dspy.JSONAdapter())
-    with dspy.context(lm=outside, adapter=GrammarJSONAdapter()), pytest.raises(AdapterParseError):
+    with dspy.context(lm=outside, adapter=GrammarJSONAdapter()):
+        assert program(transcript=SMOKE_AND_FLAMES).priority == "not_an_emergency"
+    invalid = dspy.utils.DummyLM([{**answer, "priority": "fairly urgent"}], adapter=dspy.JSONAdapter())
+    with dspy.context(lm=invalid, adapter=GrammarJSONAdapter()), pytest.raises(AdapterParseError):
         program(transcript=SMOKE_AND_FLAMES)
 
 

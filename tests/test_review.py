@@ -152,3 +152,17 @@ def test_details_stage_flags_a_location_that_is_not_in_the_transcript():
     assert rows[0]["location"] == "the factory on Canal Street"  # kept as answered, and flagged
     assert rows[0]["review"] == "location not in the transcript: 'the factory on Canal Street'"
     assert rows[1]["review"] is None
+
+
+def test_a_label_outside_the_bound_is_kept_in_one_request_and_reviewed(nearest_triager_state):
+    """A hosted model is not held to the bound by a grammar: its other valid label is an answer, not an error."""
+    bounded = {**nearest_triager_state}
+    bounded["nearest_demos"] = {**bounded["nearest_demos"], "choices": 5, "choice_share": 0.4}
+    stage, engine = stage_with(TriageStage, lambda request: fields_for("triage", priority="non_urgent"), bounded)
+    choices = stage.program.nearest.neighbourhood(FIRE).choices
+    assert choices["priority"] == ("urgent",)  # the fire's neighbours leave it no other priority
+    [row] = asyncio.run(stage(batch([FIRE]))).to_pylist()
+    assert row["priority"] == "non_urgent" and row["errors"] is None  # kept as answered
+    assert len(engine.requests) == 1  # not asked again
+    assert "priority non_urgent is outside the labelled calls' choices (urgent)" in row["review"]
+    assert row["review"].startswith("possible under-triage: ")  # still the most serious reason first

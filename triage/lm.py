@@ -20,7 +20,7 @@ import dspy
 import pydantic
 
 from triage.grounding import GROUNDED_FIELDS, SPAN_OF
-from triage.programs import literal_choices
+from triage.programs import literal_choices, unbound
 from triage.settings import Settings
 
 NO_KEY = "no-key"
@@ -99,7 +99,15 @@ class _FeedbackMixin:
         return messages
 
 
-class ChatAdapter(_SystemMessageOnce, _DemosFormattedOnce, _FeedbackMixin, dspy.ChatAdapter):
+class _AnyValidLabel:
+    """Parses an answer against the signature's full label sets, not the per-call bound
+    (`triage.programs.with_choices`): a label outside the bound is kept, and reviewed."""
+
+    def parse(self, signature: type[dspy.Signature], completion: str) -> dict[str, Any]:
+        return super().parse(unbound(signature), completion)
+
+
+class ChatAdapter(_SystemMessageOnce, _DemosFormattedOnce, _FeedbackMixin, _AnyValidLabel, dspy.ChatAdapter):
     """DSPy's chat format, without its silent second call through JSONAdapter on a parse failure:
     the stage's validation retry is the one place a bad answer is asked again."""
 
@@ -107,7 +115,7 @@ class ChatAdapter(_SystemMessageOnce, _DemosFormattedOnce, _FeedbackMixin, dspy.
         super().__init__(feedback=feedback, use_json_adapter_fallback=False)
 
 
-class JSONAdapter(_SystemMessageOnce, _DemosFormattedOnce, _FeedbackMixin, dspy.JSONAdapter):
+class JSONAdapter(_SystemMessageOnce, _DemosFormattedOnce, _FeedbackMixin, _AnyValidLabel, dspy.JSONAdapter):
     """JSON answers, in DSPy's own wording."""
 
     def __init__(self, feedback: str | None = None) -> None:

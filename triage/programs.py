@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import threading
 import typing
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,6 +62,8 @@ class ExtractDetails(dspy.Signature):
 
 
 NEAREST_DEMOS_KEY = "nearest_demos"
+RECENT_LOOKUPS = 256  # per NearestDemos: well over the calls a stage actor has in flight
+SIMILAR_DEPTH = 10  # neighbours looked up at once, whichever fewer are asked for
 DEMO_CHOICES = ("program", "fixed", "none")
 
 
@@ -124,6 +127,9 @@ class NearestDemos:
         self.classifier_share = classifier_share
         self._index: SimilarCalls | None = None
         self._classifiers: dict[str, SecondOpinion | None] = {}
+        # The last calls' lookups: the program, its stage's review and evaluate all ask about the
+        # same transcript (each lookup is a TF-IDF transform and a product with the pool, ~2 ms).
+        self._recent: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -151,18 +157,42 @@ class NearestDemos:
             state.get("classifier_share", 0.0),
         )
 
-    def _most_similar(self, transcript: str, n: int) -> list[tuple[int, float]]:
+    def _remembered(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._recent:
+                self._recent.move_to_end(key)
+                return self._recent[key]
+        value = compute()
+        with self._lock:
+            self._recent[key] = value
+            while len(self._recent) > RECENT_LOOKUPS:
+                self._recent.popitem(last=False)
+        return value
+
+    def _vector(self, transcript: str) -> Any:
         with self._lock:
             if self._index is None:
                 self._index = SimilarCalls([demo["transcript"] for demo in self.pool])
-        return self._index.most_similar(transcript, n)
+        return self._remembered(("vector", transcript), lambda: self._index.vector(transcript))
+
+    def _most_similar(self, transcript: str, n: int) -> list[tuple[int, float]]:
+        vector, depth = self._vector(transcript), max(n, SIMILAR_DEPTH)
+        found = self._remembered(("similar", transcript, depth), lambda: self._index.most_similar_to(vector, depth))
+        return found[:n]
 
     def classifier(self, label: str) -> SecondOpinion | None:
         """The classifier of `label` on the pool (fitted once per process), None with fewer than two labels."""
+        self._vector("")  # the index it reads
         with self._lock:
             if label not in self._classifiers:
-                self._classifiers[label] = SecondOpinion.from_pool(self.pool, label)
+                labels = [demo.get(label) for demo in self.pool]
+                self._classifiers[label] = SecondOpinion.on_index(self._index, labels)
             return self._classifiers[label]
+
+    def probabilities(self, transcript: str, label: str) -> dict[str, float]:
+        """The pool classifier's probability of each value of `label` for `transcript` ({} without one)."""
+        classifier = self.classifier(label) if self.pool else None
+        return classifier.probabilities_of(self._vector(transcript)) if classifier is not None else {}
 
     def shares(self, transcript: str, label: str, n: int) -> dict[str, float]:
         """`label`'s values among the `n` pool calls most similar to `transcript`, each with its share
@@ -204,9 +234,9 @@ class NearestDemos:
         """Per label, the values it may take, the likeliest first (ties: the nearer call's first)."""
         choices = {}
         for label in ("priority", "category"):
-            classifier = self.classifier(label) if label in self.classified else None
-            if classifier is not None:
-                totals, share = classifier.probabilities(transcript), self.classifier_share
+            probabilities = self.probabilities(transcript, label) if label in self.classified else {}
+            if probabilities:
+                totals, share = probabilities, self.classifier_share
             else:
                 votes = [(self.pool[i].get(label), s) for i, s in neighbours]
                 totals, share = label_totals([(v, s) for v, s in votes if isinstance(v, str)]), self.choice_share
@@ -220,6 +250,11 @@ class NearestDemos:
         """The demos to show for `transcript` (cut to `max_demo_chars`) and the labels its answer may take."""
         if not self.active:
             return Neighbourhood()
+        settings = (self.k, self.max_demo_chars, self.vote, self.choices, self.choice_share)
+        key = ("neighbourhood", transcript, *settings, self.classified, self.classifier_share)
+        return self._remembered(key, lambda: self._neighbourhood(transcript))
+
+    def _neighbourhood(self, transcript: str) -> Neighbourhood:
         found = self._most_similar(transcript, max(self.k, self.vote, self.choices))
         demos = [
             dspy.Example(**{**demo, "transcript": clip(demo["transcript"], self.max_demo_chars)})
@@ -244,6 +279,9 @@ class NearestDemos:
         )  # the index and classifiers are rebuilt on use
 
 
+_NARROWED_FROM: dict[type[dspy.Signature], type[dspy.Signature]] = {}
+
+
 @functools.lru_cache(maxsize=1024)
 def with_choices(
     signature: type[dspy.Signature], choices: tuple[tuple[str, tuple[str, ...]], ...]
@@ -253,12 +291,25 @@ def with_choices(
     Values the field does not allow are dropped; a field left with none keeps its own choices.
     Cached: one class per combination, so prompts and adapters' caches see the same signature.
     """
+    narrowed = signature
     for name, values in choices:
         allowed = literal_choices(signature.output_fields[name].annotation) if name in signature.output_fields else None
         kept = tuple(value for value in values if value in (allowed or ()))
         if kept:
-            signature = signature.with_updated_fields(name, type_=Literal[kept])
-    return signature
+            narrowed = narrowed.with_updated_fields(name, type_=Literal[kept])
+    if narrowed is not signature:
+        _NARROWED_FROM[narrowed] = unbound(signature)
+    return narrowed
+
+
+def unbound(signature: type[dspy.Signature]) -> type[dspy.Signature]:
+    """The signature `with_choices` narrowed `signature` from (itself if it was not narrowed).
+
+    Answers are parsed against it: the bound shapes the prompt (and the embedded model's
+    grammar), but a model that answers another valid label keeps its answer, and the review
+    queue says so, rather than the row failing.
+    """
+    return _NARROWED_FROM.get(signature, signature)
 
 
 def clip(text: str, max_chars: int | None) -> str:

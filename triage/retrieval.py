@@ -31,12 +31,19 @@ class SimilarCalls:
     def __init__(self, transcripts: Sequence[str]) -> None:
         if not transcripts:
             raise ValueError("SimilarCalls needs at least one transcript")
-        self._vectorizer = _vectorizer()
-        self._matrix = self._vectorizer.fit_transform(transcripts)
+        self.vectorizer = _vectorizer()
+        self.matrix = self.vectorizer.fit_transform(transcripts)
+
+    def vector(self, transcript: str) -> Any:
+        """The transcript's TF-IDF row (sparse, 1 x vocabulary): what both lookups below read."""
+        return self.vectorizer.transform([transcript])
 
     def most_similar(self, transcript: str, k: int) -> list[tuple[int, float]]:
         """(index, cosine similarity) of the k most similar transcripts, most similar first (ties: index order)."""
-        similarities = (self._matrix @ self._vectorizer.transform([transcript]).T).toarray().ravel()
+        return self.most_similar_to(self.vector(transcript), k)
+
+    def most_similar_to(self, vector: Any, k: int) -> list[tuple[int, float]]:
+        similarities = (self.matrix @ vector.T).toarray().ravel()
         order = np.argsort(-similarities, kind="stable")[: max(k, 0)]
         return [(int(i), float(similarities[i])) for i in order]
 
@@ -68,10 +75,13 @@ class SecondOpinion:
     """Class probabilities of one label (priority or category) from a classifier on the labelled calls."""
 
     def __init__(self, transcripts: Sequence[str], labels: Sequence[str]) -> None:
+        vectorizer = _vectorizer()
+        self._init(vectorizer, vectorizer.fit_transform(transcripts), labels)
+
+    def _init(self, vectorizer: TfidfVectorizer, features: Any, labels: Sequence[str]) -> None:
         if len(set(labels)) < 2:
             raise ValueError("SecondOpinion needs at least two different labels")
-        self._vectorizer = _vectorizer()
-        features = self._vectorizer.fit_transform(transcripts)
+        self._vectorizer = vectorizer
         self._model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000)
         self._model.fit(features, list(labels))
 
@@ -83,7 +93,22 @@ class SecondOpinion:
             return None
         return cls([demo["transcript"] for demo in labelled], [demo[label] for demo in labelled])
 
+    @classmethod
+    def on_index(cls, index: SimilarCalls, labels: Sequence[str | None]) -> SecondOpinion | None:
+        """A classifier on the rows of `index` that carry a label (`labels[i]` for row i, None for none),
+        reading the index's own TF-IDF vectors: one transform per transcript serves both."""
+        rows = [i for i, label in enumerate(labels) if isinstance(label, str)]
+        if len({labels[i] for i in rows}) < 2:
+            return None
+        opinion = cls.__new__(cls)
+        opinion._init(index.vectorizer, index.matrix[rows], [labels[i] for i in rows])
+        return opinion
+
     def probabilities(self, transcript: str) -> dict[str, float]:
         """label -> probability, for every label seen in training."""
-        row = self._model.predict_proba(self._vectorizer.transform([transcript]))[0]
+        return self.probabilities_of(self._vectorizer.transform([transcript]))
+
+    def probabilities_of(self, vector: Any) -> dict[str, float]:
+        """The same, for a TF-IDF row of the vectorizer it was fitted with."""
+        row = self._model.predict_proba(vector)[0]
         return {str(label): float(p) for label, p in zip(self._model.classes_, row, strict=True)}

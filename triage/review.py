@@ -13,9 +13,13 @@ Each stage adds its reasons to the row's `review` column (null when there are no
    most similar labelled calls is on calls with the LM's priority. The classifier and the
    LM's bounded answer share many errors (both read the same labelled calls); the neighbours'
    split shows where the labelled data itself is divided.
-4. "answered on attempt N": earlier answers did not validate.
-5. "location not in the transcript: ..." / "subject not in the transcript: ..." (`triage.grounding`).
-6. "transcript cut ...": the reader shortened an overlong transcript (set by the reader).
+4. "priority X is outside the labelled calls' choices (...)" (or category): the program bounded
+   the labels for this call (`NearestDemos` choices) and the model answered another valid one.
+   The embedded model cannot (its grammar holds it to the bound); a hosted one can, and its
+   answer is kept rather than failed.
+5. "answered on attempt N": earlier answers did not validate.
+6. "location not in the transcript: ..." / "subject not in the transcript: ..." (`triage.grounding`).
+7. "transcript cut ...": the reader shortened an overlong transcript (set by the reader).
 
 The thresholds were chosen on the dev split with the embedded model
 (`.venv/bin/python scripts/tune_review.py optimized/report.json`, docs/quality.md). With the
@@ -87,6 +91,15 @@ def _classifier_reasons(
     if best != priority and opinion[best] >= disagree_p:
         return [f"priority disagrees: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
     return []
+
+
+def bound_reasons(values: dict[str, str | None], choices: dict[str, tuple[str, ...]]) -> list[str]:
+    """One reason per label answered outside the choices the program left it for this call."""
+    return [
+        f"{name} {values[name]} is outside the labelled calls' choices ({', '.join(allowed)})"
+        for name, allowed in choices.items()
+        if values.get(name) is not None and values[name] not in allowed
+    ]
 
 
 def attempts_reason(attempts: int) -> list[str]:

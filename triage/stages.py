@@ -42,8 +42,7 @@ from triage.errors import first_line, redact
 from triage.lm import LMSetup, build_lm, with_prompt_cache
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
-from triage.retrieval import SecondOpinion
-from triage.review import NEIGHBOURS, attempts_reason, grounding_reasons, join_reasons, priority_reasons
+from triage.review import NEIGHBOURS, attempts_reason, bound_reasons, grounding_reasons, join_reasons, priority_reasons
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 
@@ -348,8 +347,8 @@ class TriageStage(Stage):
 
     def __init__(self, config: StageConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        # A classifier on the program's labelled demo pool (absent with fixed demos): fitted once per actor.
-        self.second_opinion = SecondOpinion.from_pool(self.program.nearest.pool, "priority")
+        # A classifier on the program's labelled demo pool (absent without one): fitted once per actor.
+        self.second_opinion = self.program.nearest.classifier("priority") if self.program.nearest.pool else None
 
     def evidence(self, transcript: str) -> dict[str, dict[str, float]]:
         """What the labelled calls say of this call's priority: the classifier's probabilities and
@@ -357,13 +356,14 @@ class TriageStage(Stage):
         if self.second_opinion is None:
             return {"second_opinion": {}, "neighbours": {}}
         return {
-            "second_opinion": self.second_opinion.probabilities(transcript),
+            "second_opinion": self.program.nearest.probabilities(transcript, "priority"),
             "neighbours": self.program.nearest.shares(transcript, "priority", NEIGHBOURS),
         }
 
     def review(self, transcript: str, answer: Answer) -> list[str]:
         evidence = self.evidence(transcript)
         reasons = priority_reasons(answer.values["priority"], evidence["second_opinion"], evidence["neighbours"])
+        reasons += bound_reasons(answer.values, self.program.nearest.neighbourhood(transcript).choices)
         return reasons + super().review(transcript, answer)
 
 
