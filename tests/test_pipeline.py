@@ -88,8 +88,9 @@ def test_every_row_once_with_its_own_answers_under_faults(tmp_path, ray_local):
             assert pd.isna(row.errors), row.errors
             assert {f: getattr(row, f) for f in FIELDS} == {f: expected[f] for f in FIELDS}
             # The fake provider's location and subject are in no transcript: flagged, kept as answered
-            # (beside "answered on attempt 2" where an injected malformed answer was asked again).
-            reasons = [r for r in row.review.split("; ") if not r.startswith("answered on attempt 2 ")]
+            # (beside "answered on attempt N" where injected malformed answers were asked again: the
+            # faults are drawn per request, so a row may draw two).
+            reasons = [r for r in row.review.split("; ") if not r.startswith("answered on attempt ")]
             assert reasons == [
                 f"location not in the transcript: {expected['location']!r}",
                 f"subject not in the transcript: {expected['subject_description']!r}",

@@ -50,20 +50,29 @@ def marked(payload: dict) -> list[int]:
     ]
 
 
+def demo_messages() -> int:
+    """Messages the committed triager's demos take: a user and an assistant message per demo."""
+    k = ProgramSource.load(ROOT / "optimized", "triager.json").state["nearest_demos"]["k"]
+    assert k >= 1
+    return 2 * k
+
+
 def test_fixed_demos_keep_the_prefix_byte_identical_and_anthropic_caches_it():
     first, second = requests_for(ANTHROPIC, "fixed")
-    assert len(first.messages) == 5  # two demos (user, assistant) and the call
-    assert first.system == second.system and texts(first)[:4] == texts(second)[:4]  # the same bytes
-    assert texts(first)[4] != texts(second)[4] and ROWS[0] in texts(first)[4]
-    assert first.config.cache == CacheConfig(prefix_until_index=3)
+    n = demo_messages()
+    assert len(first.messages) == n + 1  # the demos (user, assistant) and the call
+    assert first.system == second.system and texts(first)[:n] == texts(second)[:n]  # the same bytes
+    assert texts(first)[n] != texts(second)[n] and ROWS[0] in texts(first)[n]
+    assert first.config.cache == CacheConfig(prefix_until_index=n - 1)
     payload = anthropic_payload(first)
-    assert marked(payload) == [3]  # the last demo: instructions and demos are cached together
+    assert marked(payload) == [n - 1]  # the last demo: instructions and demos are cached together
     assert payload["system"][0]["cache_control"] == {"type": "ephemeral"}
 
 
 def test_nearest_demos_differ_per_row_so_only_the_instructions_are_marked():
     first, second = requests_for(ANTHROPIC, "program")
-    assert first.system == second.system and texts(first)[:4] != texts(second)[:4]  # each row its own demos
+    n = demo_messages()
+    assert first.system == second.system and texts(first)[:n] != texts(second)[:n]  # each row its own demos
     assert first.config.cache == CacheConfig(prefix="stable")
     payload = anthropic_payload(first)
     assert marked(payload) == [] and payload["system"][0]["cache_control"] == {"type": "ephemeral"}
@@ -74,7 +83,7 @@ def test_no_demos_and_no_marks_where_the_provider_caches_by_itself():
     assert [len(r.messages) for r in none] == [1, 1]
     openai = requests_for("openai/gpt-4.1-mini", "fixed")
     assert all(r.config.cache is None for r in openai)  # OpenAI caches a repeated prefix unasked
-    assert texts(openai[0])[:4] == texts(openai[1])[:4]
+    assert texts(openai[0])[: demo_messages()] == texts(openai[1])[: demo_messages()]
 
 
 class CachingEngine(ScriptedEngine):
