@@ -169,24 +169,29 @@ class NearestDemos:
                 self._recent.popitem(last=False)
         return value
 
-    def _vector(self, transcript: str) -> Any:
+    def _built_index(self) -> SimilarCalls:
         with self._lock:
             if self._index is None:
                 self._index = SimilarCalls([demo["transcript"] for demo in self.pool])
-        return self._remembered(("vector", transcript), lambda: self._index.vector(transcript))
+            return self._index
+
+    def _vector(self, transcript: str) -> Any:
+        index = self._built_index()
+        return self._remembered(("vector", transcript), lambda: index.vector(transcript))
 
     def _most_similar(self, transcript: str, n: int) -> list[tuple[int, float]]:
         vector, depth = self._vector(transcript), max(n, SIMILAR_DEPTH)
-        found = self._remembered(("similar", transcript, depth), lambda: self._index.most_similar_to(vector, depth))
+        index = self._built_index()
+        found = self._remembered(("similar", transcript, depth), lambda: index.most_similar_to(vector, depth))
         return found[:n]
 
     def classifier(self, label: str) -> SecondOpinion | None:
         """The classifier of `label` on the pool (fitted once per process), None with fewer than two labels."""
-        self._vector("")  # the index it reads
+        index = self._built_index()
         with self._lock:
             if label not in self._classifiers:
                 labels = [demo.get(label) for demo in self.pool]
-                self._classifiers[label] = SecondOpinion.on_index(self._index, labels)
+                self._classifiers[label] = SecondOpinion.on_index(index, labels)
             return self._classifiers[label]
 
     def probabilities(self, transcript: str, label: str) -> dict[str, float]:
