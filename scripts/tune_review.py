@@ -4,11 +4,12 @@
     .venv/bin/python scripts/tune_review.py output/evaluation.json      # any `triage evaluate` report
 
 For every (UNDER_TRIAGE_P, DISAGREE_P, MIN_SUPPORT) on a grid it recomputes the priority reasons
-from each call's recorded second opinion and neighbours' shares (the other reasons, grounding and
+from each call's recorded second opinion and neighbours' shares, and the caller's-words reasons
+(`triage.cues`) from the transcripts in the report's data file (the other reasons, grounding and
 retries, are kept as recorded) and counts the calls flagged, the wrong priorities flagged and the
 under-triaged calls flagged. It prints the grid around the values in force and suggests the triple
 that flags the fewest calls while catching every under-triaged call and at least `--min-catch` of
-the wrong priorities. (MIN_SUPPORT 0 turns the neighbours' rule off.)
+the wrong priorities. (MIN_SUPPORT 0 turns the neighbours' rule off; `--no-cues` the caller's words.)
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from triage.evaluation import load_labeled  # noqa: E402
 from triage.metrics import is_under_triage  # noqa: E402
-from triage.review import DISAGREE_P, MIN_SUPPORT, UNDER_TRIAGE_P, priority_reasons  # noqa: E402
+from triage.review import DISAGREE_P, MIN_SUPPORT, UNDER_TRIAGE_P, cue_reasons, priority_reasons  # noqa: E402
 
-PRIORITY_REASONS = ("possible under-triage", "priority disagrees", "priority weakly backed")
+PRIORITY_REASONS = ("possible under-triage", "possible over-triage", "priority disagrees", "priority weakly backed")
 GRID_UNDER = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01)
 GRID_DISAGREE = (0.0, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 1.01)
 GRID_SUPPORT = (0.0, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
@@ -35,6 +37,13 @@ def calls_of(report: dict) -> list[dict]:
     return report["optimized"]["calls"] if "optimized" in report else report["calls"]
 
 
+def with_transcripts(calls: list[dict], report: dict) -> list[dict]:
+    """The calls, each with its transcript read from the report's data file (by call_id)."""
+    run = report.get("optimized", report)
+    transcripts = {example.call_id: example.transcript for example in load_labeled(run["data_file"])}
+    return [{**call, "transcript": transcripts[call["call_id"]]} for call in calls]
+
+
 def score(calls: list[dict], under_p: float, disagree_p: float, min_support: float) -> tuple[int, int, int, int, int]:
     """(flagged, wrong priorities, wrong flagged, under-triaged, under-triaged flagged)."""
     flagged = wrong = wrong_flagged = under = under_flagged = 0
@@ -42,6 +51,8 @@ def score(calls: list[dict], under_p: float, disagree_p: float, min_support: flo
         answer = call.get("triage") or {}
         priority = answer.get("priority")
         kept = [r for r in (call.get("review") or "").split("; ") if r and not r.startswith(PRIORITY_REASONS)]
+        if priority and "transcript" in call:
+            kept += cue_reasons(priority, call["transcript"])
         if priority:
             kept += priority_reasons(
                 priority,
@@ -75,8 +86,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", help="an evaluation or optimize report (.json)")
     parser.add_argument("--min-catch", type=float, default=0.7, help="wrong priorities to catch at least [0.7]")
+    parser.add_argument("--no-cues", action="store_true", help="leave out the caller's-words reasons")
     args = parser.parse_args()
-    calls = calls_of(json.loads(Path(args.report).read_text()))
+    report = json.loads(Path(args.report).read_text())
+    calls = calls_of(report) if args.no_cues else with_transcripts(calls_of(report), report)
     if not any(call.get("second_opinion") or call.get("neighbours") for call in calls):
         print("error: the report's calls carry no second opinion (programs without a labelled pool)")
         return 2

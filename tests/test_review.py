@@ -13,7 +13,7 @@ from triage.demos import nearest_pool, triage_demo
 from triage.evaluation import load_labeled
 from triage.lm import ChatAdapter, LMSetup
 from triage.programs import CallTriager
-from triage.review import join_reasons, priority_reasons
+from triage.review import cue_reasons, join_reasons, priority_reasons, urgent_first
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 from triage.stages import ExtractDetailsStage, ProgramSource, StageConfig, TriageStage
@@ -75,6 +75,26 @@ def test_a_priority_most_of_its_nearest_labelled_calls_do_not_back_is_flagged():
     ]
 
 
+def test_the_callers_words_flag_a_priority_they_contradict():
+    assert cue_reasons("non_urgent", FIRE) == [
+        "possible under-triage: the caller says 'on fire', 'flames', answer non_urgent"
+    ]
+    assert cue_reasons("urgent", FIRE) == []
+    gone = "Dispatcher: Is anyone hurt? Caller: No, nobody's hurt, he left an hour ago, I need a case number."
+    assert cue_reasons("urgent", gone) == [
+        "possible over-triage: the caller says 'nobody's hurt', 'an hour ago', answer urgent"
+    ]
+    assert cue_reasons("non_urgent", gone) == []
+    # Danger outweighs calm: "not hurt" beside a gun is no reason to doubt an urgent answer.
+    assert cue_reasons("urgent", "Caller: I'm not hurt but he still has the gun, he's in the kitchen.") == []
+    assert cue_reasons("urgent", QUESTION) == []  # no phrase either way: no word from here
+
+
+def test_urgent_first_moves_possible_under_triage_ahead_and_keeps_the_rest_in_order():
+    reasons = ["b", "possible under-triage: x", "a", "possible under-triage: y"]
+    assert urgent_first(reasons) == ["possible under-triage: x", "possible under-triage: y", "b", "a"]
+
+
 def test_join_reasons_keeps_order_and_is_null_when_empty():
     assert join_reasons(None, []) is None
     assert join_reasons("transcript cut", ["a", "b"], None) == "transcript cut; a; b"
@@ -124,7 +144,9 @@ def test_triage_stage_flags_a_priority_its_second_opinion_doubts_and_keeps_the_a
     assert fire_review.startswith("transcript cut to 90 of 120 characters; possible under-triage: ")
     assert fire_review.endswith("answer non_urgent")
     assert question_review.startswith("priority disagrees: similar labelled calls say not_an_emergency")
-    assert fire_review.split("; ")[1].startswith("possible under-triage: similar labelled calls say urgent (")
+    # The caller's words first, then what the labelled calls say: two independent reasons.
+    assert fire_review.split("; ")[1] == "possible under-triage: the caller says 'on fire', 'flames', answer non_urgent"
+    assert fire_review.split("; ")[2].startswith("possible under-triage: similar labelled calls say urgent (")
     neighbours = stage.evidence(FIRE)["neighbours"]  # the shares the weak-backing rule reads
     assert max(neighbours, key=neighbours.__getitem__) == "urgent" and sum(neighbours.values()) == pytest.approx(1.0)
     # The prompt showed the two most similar labelled calls, not fixed demos.

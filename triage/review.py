@@ -3,11 +3,17 @@
 Each stage adds its reasons to the row's `review` column (null when there are none), joined by
 "; ", the most serious first:
 
-1. "possible under-triage: ..." the second opinion (a classifier on the labelled calls,
+1. "possible under-triage: the caller says ..." a non-urgent answer to a call whose caller
+   describes present danger ("not breathing", "gun": `triage.cues`), and "possible under-triage:
+   similar labelled calls say ..." the second opinion (a classifier on the labelled calls,
    `triage.retrieval.SecondOpinion`) would answer a more urgent level than the LM, or gives
    the levels more urgent than the LM's answer at least `UNDER_TRIAGE_P` together; or most
    of the `NEIGHBOURS` most similar labelled calls (by similarity) say a more urgent level.
-2. "priority disagrees: ..." the second opinion would answer a less urgent level (with at
+2. "possible over-triage: the caller says ..." an urgent answer to a call whose caller says
+   nobody is hurt or in danger, or that it is over ("last night", "he's gone"), and describes
+   no danger (`triage.cues`: words, not labelled data, so it catches errors the next two share
+   with the model).
+   "priority disagrees: ..." the second opinion would answer a less urgent level (with at
    least `DISAGREE_P` confidence; 0: whenever it would).
 3. "priority weakly backed: ..." less than `MIN_SUPPORT` of the similarity of the `NEIGHBOURS`
    most similar labelled calls is on calls with the LM's priority. The classifier and the
@@ -27,12 +33,16 @@ classifier alone, flagging every disagreement did best and still missed the erro
 with the LM (12.3% flagged, 7 of 12 wrong priorities caught, session 6's programs); the
 neighbours' split at `NEIGHBOURS` = 7 and a plain majority (`MIN_SUPPORT` = 0.5) made it 17.8%
 and 9 of 12 there, and 19.2% and 10 of 13 (both under-triaged calls) with the committed programs.
+The caller's words (`triage.cues`) took that to 21.9% and 12 of 13: both calls they added were
+wrong answers. The thresholds were kept: the grid's cheapest setting that still catches 70% of
+dev's wrong priorities (16.4% flagged) would catch exactly 70%, with no margin for new calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from triage.cues import calm_phrases, danger_phrases
 from triage.grounding import ungrounded_fields
 from triage.programs import PRIORITIES
 
@@ -76,6 +86,30 @@ def priority_reasons(
 
 
 UNDER_TRIAGE = "possible under-triage"
+
+
+def cue_reasons(priority: str, transcript: str) -> list[str]:
+    """Reasons to doubt the LM's `priority` from the caller's own words (`triage.cues`)."""
+    if priority not in PRIORITIES:
+        return []
+    danger = danger_phrases(transcript)
+    if priority != "urgent":
+        return [f"{UNDER_TRIAGE}: the caller says {_quoted(danger)}, answer {priority}"] if danger else []
+    calm = calm_phrases(transcript)
+    return [f"{OVER_TRIAGE}: the caller says {_quoted(calm)}, answer urgent"] if calm and not danger else []
+
+
+def urgent_first(reasons: Sequence[str]) -> list[str]:
+    """The reasons, possible under-triage first (otherwise in the order given)."""
+    return sorted(reasons, key=lambda reason: not reason.startswith(UNDER_TRIAGE))
+
+
+OVER_TRIAGE = "possible over-triage"
+QUOTED_PHRASES = 2
+
+
+def _quoted(phrases: Sequence[str]) -> str:
+    return ", ".join(f"'{phrase}'" for phrase in phrases[:QUOTED_PHRASES])
 
 
 def _classifier_reasons(

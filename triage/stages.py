@@ -42,7 +42,16 @@ from triage.errors import first_line, redact
 from triage.lm import LMSetup, build_lm, with_prompt_cache
 from triage.programs import CallTriager, DetailExtractor, ExtractDetails, TriageCall, literal_choices
 from triage.ratelimit import NoLimit, RateLimiter, RayLimiterRef, estimate_tokens
-from triage.review import NEIGHBOURS, attempts_reason, bound_reasons, grounding_reasons, join_reasons, priority_reasons
+from triage.review import (
+    NEIGHBOURS,
+    attempts_reason,
+    bound_reasons,
+    cue_reasons,
+    grounding_reasons,
+    join_reasons,
+    priority_reasons,
+    urgent_first,
+)
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 
@@ -362,7 +371,11 @@ class TriageStage(Stage):
 
     def review(self, transcript: str, answer: Answer) -> list[str]:
         evidence = self.evidence(transcript)
-        reasons = priority_reasons(answer.values["priority"], evidence["second_opinion"], evidence["neighbours"])
+        priority = answer.values["priority"]
+        reasons = urgent_first(
+            cue_reasons(priority, transcript)
+            + priority_reasons(priority, evidence["second_opinion"], evidence["neighbours"])
+        )
         reasons += bound_reasons(answer.values, self.program.nearest.neighbourhood(transcript).choices)
         return reasons + super().review(transcript, answer)
 
