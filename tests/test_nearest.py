@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import types
 import typing
 
 import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from triage.lm import GrammarJSONAdapter
+from triage.lm import ChatAdapter, GrammarJSONAdapter
 from triage.programs import CATEGORIES, CallTriager, NearestDemos, TriageCall, clip, with_choices
 
 POOL = [
@@ -89,9 +90,23 @@ def test_with_choices_the_model_is_asked_for_the_neighbours_labels_and_keeps_ano
     lm = dspy.utils.DummyLM([answer], adapter=dspy.JSONAdapter())
     with dspy.context(lm=lm, adapter=GrammarJSONAdapter()):
         assert program(transcript=SMOKE_AND_FLAMES).priority == "urgent"
+    # The embedded model's prompt lists every label (the same system message for every call, so
+    # its KV cache keeps it); the bound reaches it through the grammar's schema.
     system = lm.history[-1]["messages"][0]["content"]
-    assert "- priority: one of urgent, non_urgent;" in system
-    assert "- category: one of fire;" in system
+    assert "- priority: one of urgent, non_urgent, not_an_emergency;" in system
+    narrowed = with_choices(TriageCall, (("category", ("fire",)), ("priority", ("urgent", "non_urgent"))))
+    adapter = GrammarJSONAdapter()
+    assert adapter.format_system_message(narrowed) == adapter.format_system_message(TriageCall)
+    kwargs: dict = {}
+    schema_lm = types.SimpleNamespace(supported_params={"response_format"}, supports_response_schema=True)
+    adapter._prepare_response_format(schema_lm, kwargs, narrowed)
+    properties = kwargs["response_format"].model_json_schema()["properties"]
+    assert properties["priority"]["enum"] == ["urgent", "non_urgent"]
+    assert properties["category"]["const"] == "fire"
+    # A hosted model has no grammar: its prompt names the bound.
+    assert "exactly match (no extra characters) one of: urgent; non_urgent\n" in ChatAdapter().format_system_message(
+        narrowed
+    )
     # A valid label outside the bound is kept as answered (the review queue says so); an invalid one is not.
     outside = dspy.utils.DummyLM([{**answer, "priority": "not_an_emergency"}], adapter=dspy.JSONAdapter())
     with dspy.context(lm=outside, adapter=GrammarJSONAdapter()):

@@ -132,9 +132,16 @@ class GrammarJSONAdapter(JSONAdapter):
     one line per output field; the user message is the inputs alone; demos are compact JSON.
     Parsing, the response schema and demos work as in `dspy.JSONAdapter`, so optimizers can
     compile programs through it.
+
+    The system message lists every label even when the program bounds a call's labels
+    (`triage.programs.with_choices`): the grammar, built from the bounded schema, holds the
+    model to the bound, and a system message that is the same bytes for every call stays in the
+    model's KV cache (measured: ~45 fewer prompt tokens read per triage call, 2.91 -> 2.70 s warm,
+    `scripts/bench_local_model.py --threads 1 --programs optimized --input data/calls.jsonl --rows 6`).
     """
 
     def format_system_message(self, signature: type[dspy.Signature]) -> str:
+        signature = unbound(signature)
         lines = [textwrap.dedent(signature.instructions).strip(), "", "Answer in JSON with these fields:"]
         for name, field in signature.output_fields.items():
             choices = literal_choices(field.annotation) or ()
