@@ -32,6 +32,9 @@ def test_calm_phrases_cover_harm_denied_past_events_and_reports():
     said = "Caller: It's not an emergency, it happened last night, I just need a case number for my insurance."
     assert calm_phrases(said) == ["not an emergency", "last night", "case number", "for my insurance"]
     assert calm_phrases("Caller: Please hurry, he's hurting her!") == []
+    # "Gone" alone is what a missing person's family says too: only "long gone" / "already gone" count.
+    assert calm_phrases("Caller: My mom has Alzheimer's and she's gone, she's not here!") == []
+    assert calm_phrases("Caller: The shoplifter? She's already gone.") == ["already gone"]
 
 
 def test_the_phrases_agree_with_the_gold_priorities_of_the_labelled_calls():

@@ -6,7 +6,8 @@ phrase lists come from what dispatch protocols ask first (is anyone hurt, is it 
 is there a weapon, is the person breathing) and flag an answer the caller's words contradict:
 
 * calm phrases: nobody is hurt or in danger, it is not an emergency, it happened earlier
-  ("last night", "an hour ago", "he's gone"), the caller wants a record ("case number");
+  ("last night", "an hour ago", "long gone"; not a bare "she's gone", which is also what the
+  family of a missing person says), the caller wants a record ("case number");
 * danger phrases: not breathing, unconscious, a weapon, flames, someone trapped, a break-in
   in progress; one preceded by a negation ("no gun", "didn't see a weapon") does not count.
 
@@ -33,7 +34,7 @@ _NO_HARM = re.compile(
 _PAST_OR_RECORD = re.compile(
     r"\b(?:last night|yesterday|last week|last month|days? ago|weeks? ago|hours? ago|an hour ago|"
     r"earlier today|over the weekend|last weekend|on (?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)|"
-    r"long gone|(?:he|she|they)(?:'s|'re| is| are| was| were) (?:long )?gone|already (?:left|gone)|"
+    r"long gone|already (?:left|gone)|"
     r"for the record|case number|police report|for (?:my )?insurance)\b"
 )
 _DANGER = re.compile(
