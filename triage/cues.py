@@ -15,7 +15,9 @@ Only the caller's turns are read (and an interpreter's): a dispatcher asks "any 
 gives advice ("if she won't wake up, call back") in words that describe nothing that happened.
 Measured on the labelled calls' gold answers: on train, the 24 calls with a calm phrase and no
 danger phrase are all non_urgent or not_an_emergency, the 28 with a danger phrase all urgent;
-on dev, 14 of 14 and 6 of 6. A quarter of the calls hold either; the rest get no word from here.
+on dev, 14 of 14 and 6 of 6 (the lists were written after reading dev's missed errors); on
+test, looked at after its final figure, 9 of 13 and 7 of 7: the calm list is the weaker one. A
+quarter of the calls hold either; the rest get no word from here.
 """
 
 from __future__ import annotations
