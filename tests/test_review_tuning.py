@@ -1,0 +1,57 @@
+"""The scripts the review queue is tuned with: out-of-fold programs never see the call they answer,
+and `tune_review.py` counts the caller's-words reasons from the report's transcripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from triage.programs import CallTriager
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_out_of_fold_programs_hold_none_of_the_folds_calls(tmp_path):
+    out_of_fold = load_script("out_of_fold")
+    calls = out_of_fold.read_jsonl(ROOT / "data/dev.jsonl")[:5]
+    held_out = {call["call_id"] for call in calls}
+    out_of_fold.programs_without(held_out, ROOT / "optimized", tmp_path)
+    for name in out_of_fold.PROGRAMS:
+        committed = json.loads((ROOT / "optimized" / name).read_text())["nearest_demos"]
+        pruned = json.loads((tmp_path / name).read_text())["nearest_demos"]
+        assert len(pruned["pool"]) == len(committed["pool"]) - len(held_out)
+        assert {entry["call_id"] for entry in pruned["pool"]}.isdisjoint(held_out)
+        assert {k: v for k, v in pruned.items() if k != "pool"} == {k: v for k, v in committed.items() if k != "pool"}
+    program = CallTriager()
+    program.load(tmp_path / "triager.json")
+    for call in calls:  # the demo shown and the neighbours are never the call itself
+        [(demo, similarity)] = program.nearest.nearest(call["transcript"])
+        assert demo["call_id"] not in held_out and similarity < 0.99
+
+
+def test_tune_review_counts_the_callers_words_from_the_reports_transcripts(tmp_path):
+    tune_review = load_script("tune_review")
+    calm = "Caller: Nobody's hurt, it happened last night, I just need a case number."
+    data = tmp_path / "calls.jsonl"
+    row = {"call_id": "c1", "transcript": calm, "priority": "non_urgent", "category": "crime"}
+    data.write_text(json.dumps(row | {"location": "", "subject_description": ""}) + "\n")
+    call = {
+        "call_id": "c1",
+        "gold": {"priority": "non_urgent"},
+        "triage": {"priority": "urgent"},
+        "review": None,
+        "second_opinion": {"urgent": 0.6, "non_urgent": 0.4},
+        "neighbours": {"urgent": 1.0},
+    }
+    report = {"data_file": str(data), "calls": [call]}
+    with_words = tune_review.with_transcripts(tune_review.calls_of(report), report)
+    assert tune_review.score(with_words, 0.7, 0.0, 0.5) == (1, 1, 1, 0, 0)  # flagged: "possible over-triage"
+    assert tune_review.score(tune_review.calls_of(report), 0.7, 0.0, 0.5) == (0, 1, 0, 0, 0)  # the labelled data agrees
