@@ -3,7 +3,7 @@ the phrases agree with the labelled calls' gold priorities."""
 
 from __future__ import annotations
 
-from triage.cues import caller_words, calm_phrases, danger_phrases
+from triage.cues import caller_words, calm_phrases, cancelling_phrases, danger_phrases
 from triage.evaluation import load_labeled
 
 
@@ -15,6 +15,23 @@ def test_only_the_callers_turns_are_read():
     assert caller_words(transcript) == "  no, nobody's hurt, he left an hour ago. "
     assert danger_phrases(transcript) == []  # the dispatcher's "gun" and "stops breathing" are not the caller's
     assert calm_phrases(transcript) == ["nobody's hurt", "an hour ago"]
+
+
+def test_every_voice_but_the_dispatchers_is_read():
+    open_line = (
+        "Dispatcher: 911, what's your emergency? [muffled] Woman: ...stop, you're hurting me... "
+        "Man: Give me the phone! Dispatcher: Ma'am? Caller 2: It's at 10:30 Elm."
+    )
+    assert danger_phrases(open_line) == ["hurting me"]
+    assert "ma'am" not in caller_words(open_line) and "10:30 elm" in caller_words(open_line)
+
+
+def test_a_cancellation_of_an_earlier_call_is_found():
+    assert cancelling_phrases(
+        "Caller: I called earlier about the loose dog. The owner got him, you can cancel that."
+    ) == ["you can cancel"]
+    assert cancelling_phrases("Caller: The music stopped, so you don't need to send anybody.") == ["don't need to send"]
+    assert cancelling_phrases("Caller: I already cancelled my cards, do I need a report?") == []
 
 
 def test_a_transcript_without_speaker_labels_is_read_whole_and_apostrophes_are_made_plain():
@@ -47,3 +64,5 @@ def test_the_phrases_agree_with_the_gold_priorities_of_the_labelled_calls():
     assert len(calm) >= len(calls) / 10 and len(danger) >= len(calls) / 10
     assert sum(priority != "urgent" for priority in calm) >= 0.95 * len(calm)
     assert sum(priority == "urgent" for priority in danger) >= 0.95 * len(danger)
+    cancelled = [c.priority for c in calls if cancelling_phrases(c.transcript) and not danger_phrases(c.transcript)]
+    assert len(cancelled) >= 3 and set(cancelled) == {"not_an_emergency"}

@@ -88,6 +88,12 @@ def test_the_callers_words_flag_a_priority_they_contradict():
     # Danger outweighs calm: "not hurt" beside a gun is no reason to doubt an urgent answer.
     assert cue_reasons("urgent", "Caller: I'm not hurt but he still has the gun, he's in the kitchen.") == []
     assert cue_reasons("urgent", QUESTION) == []  # no phrase either way: no word from here
+    # A cancellation doubts any answer but not_an_emergency.
+    cancelled = "Caller: It turned out to be a guy with a barbecue smoker. Sorry! You can cancel."
+    assert cue_reasons("non_urgent", cancelled) == [
+        "possible over-triage: the caller says 'you can cancel', answer non_urgent"
+    ]
+    assert cue_reasons("not_an_emergency", cancelled) == []
 
 
 def test_urgent_first_moves_possible_under_triage_ahead_and_keeps_the_rest_in_order():

@@ -3,21 +3,28 @@
 The review queue's other priority checks (the classifier, the nearest labelled calls) read the
 same labelled data the program's demos and bounds come from, so they share its mistakes. These
 phrase lists come from what dispatch protocols ask first (is anyone hurt, is it happening now,
-is there a weapon, is the person breathing) and flag an answer the caller's words contradict:
+is there a weapon, is the person breathing) and from the labelling rules (data/README.md), and
+flag an answer the caller's words contradict:
 
 * calm phrases: nobody is hurt or in danger, it is not an emergency, it happened earlier
   ("last night", "an hour ago", "long gone"; not a bare "she's gone", which is also what the
   family of a missing person says), the caller wants a record ("case number");
+* cancelling phrases: the caller calls off an earlier call ("you can cancel that"; rule 11:
+  not_an_emergency);
 * danger phrases: not breathing, unconscious, a weapon, flames, someone trapped, a break-in
-  in progress; one preceded by a negation ("no gun", "didn't see a weapon") does not count.
+  in progress, "you're hurting me"; one preceded by a negation ("no gun", "didn't see a
+  weapon") does not count.
 
-Only the caller's turns are read (and an interpreter's): a dispatcher asks "any chest pain?" and
-gives advice ("if she won't wake up, call back") in words that describe nothing that happened.
+Everyone's turns are read but the dispatcher's: a dispatcher asks "any chest pain?" and gives
+advice ("if she won't wake up, call back") in words that describe nothing that happened, while
+a caller, an interpreter or a voice on an open line ("Woman: ... you're hurting me") describe it.
 Measured on the labelled calls' gold answers: on train, the 24 calls with a calm phrase and no
-danger phrase are all non_urgent or not_an_emergency, the 28 with a danger phrase all urgent;
-on dev, 14 of 14 and 6 of 6 (the lists were written after reading dev's missed errors); on
-test, looked at after its final figure, 9 of 13 and 7 of 7: the calm list is the weaker one. A
-quarter of the calls hold either; the rest get no word from here.
+danger phrase are all non_urgent or not_an_emergency, the 29 with a danger phrase all urgent;
+on dev, 14 of 14 and 6 of 6; the 3 cancellations, all not_an_emergency. The lists were written
+after reading dev's missed errors, and the cancellations, "hurting me" and the open-line voices
+after reading the out-of-fold misses (scripts/out_of_fold.py). On test, looked at after its
+final figure (before those three additions), 9 of 13 and 7 of 7: the calm list is the weaker
+one. A quarter of the calls hold a phrase; the rest get no word from here.
 """
 
 from __future__ import annotations
@@ -43,10 +50,16 @@ _DANGER = re.compile(
     r"\b(?:not breathing|isn't breathing|stopped breathing|can't breathe|cannot breathe|unconscious|"
     r"unresponsive|not responding|passed out|won't wake|chest pain|choking|seizure|overdos\w*|stabbed|"
     r"been shot|shot (?:him|her|me)|shooting|gun|knife|weapon|on fire|flames|trapped|breaking in|"
-    r"heart attack|drowning|stroke)\b"
+    r"heart attack|drowning|stroke|(?:hurting|hitting|beating|attacking) (?:me|her|him|us))\b"
 )
-# Speaker labels as the transcripts write them ("Dispatcher:", "Caller:"); the dispatcher's turns are dropped.
-_TURN = re.compile(r"\b(Dispatcher|Operator|Call[- ]?taker|Caller|Interpreter)\s*:", re.IGNORECASE)
+# data/README.md, rule 11: a cancellation of an earlier call is not_an_emergency.
+_CANCELLED = re.compile(
+    r"\b(?:(?:you|u) can cancel|cancel (?:that|it|the call)|(?:don't|do not|no) need to send|"
+    r"(?:don't|do not) need (?:anyone|anybody|someone|somebody) to come)\b"
+)
+# A speaker label opens a turn: one or two capitalised words and a colon ("Dispatcher:", "Caller:",
+# "Woman:", "Caller 2:"). Only the dispatcher's turns are dropped; everyone else on the line counts.
+_TURN = re.compile(r"(?:^|(?<=[\s\].!?]))([A-Z][A-Za-z-]*(?: [A-Z0-9][A-Za-z0-9]*)?)\s*:(?!\d)")
 _NOT_THE_CALLER = frozenset({"dispatcher", "operator", "call-taker", "call taker", "calltaker"})
 
 
@@ -68,6 +81,11 @@ def calm_phrases(transcript: str) -> list[str]:
     words = caller_words(transcript)
     found = sorted([*_NO_HARM.finditer(words), *_PAST_OR_RECORD.finditer(words)], key=lambda match: match.start())
     return list(dict.fromkeys(match.group(0) for match in found))
+
+
+def cancelling_phrases(transcript: str) -> list[str]:
+    """The caller's phrases that call off an earlier call ("you can cancel that")."""
+    return list(dict.fromkeys(match.group(0) for match in _CANCELLED.finditer(caller_words(transcript))))
 
 
 def danger_phrases(transcript: str) -> list[str]:

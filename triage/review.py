@@ -10,9 +10,10 @@ Each stage adds its reasons to the row's `review` column (null when there are no
    the levels more urgent than the LM's answer at least `UNDER_TRIAGE_P` together; or most
    of the `NEIGHBOURS` most similar labelled calls (by similarity) say a more urgent level.
 2. "possible over-triage: the caller says ..." an urgent answer to a call whose caller says
-   nobody is hurt or in danger, or that it is over ("last night", "long gone"), and describes
-   no danger (`triage.cues`: words, not labelled data, so it catches errors the next two share
-   with the model).
+   nobody is hurt or in danger, or that it is over ("last night", "long gone"), or any answer
+   but not_an_emergency to a caller who calls off an earlier call ("you can cancel that"), when
+   the caller describes no danger (`triage.cues`: words, not labelled data, so it catches errors
+   the next two share with the model).
    "priority disagrees: ..." the second opinion would answer a less urgent level (with at
    least `DISAGREE_P` confidence; 0: whenever it would).
 3. "priority weakly backed: ..." less than `MIN_SUPPORT` of the similarity of the `NEIGHBOURS`
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from triage.cues import calm_phrases, danger_phrases
+from triage.cues import calm_phrases, cancelling_phrases, danger_phrases
 from triage.grounding import ungrounded_fields
 from triage.programs import PRIORITIES
 
@@ -99,10 +100,12 @@ def cue_reasons(priority: str, transcript: str) -> list[str]:
     if priority not in PRIORITIES:
         return []
     danger = danger_phrases(transcript)
-    if priority != "urgent":
-        return [f"{UNDER_TRIAGE}: the caller says {_quoted(danger)}, answer {priority}"] if danger else []
-    calm = calm_phrases(transcript)
-    return [f"{OVER_TRIAGE}: the caller says {_quoted(calm)}, answer urgent"] if calm and not danger else []
+    if danger:
+        return [f"{UNDER_TRIAGE}: the caller says {_quoted(danger)}, answer {priority}"] if priority != "urgent" else []
+    calm = cancelling_phrases(transcript) if priority != "not_an_emergency" else []
+    if priority == "urgent":
+        calm = calm or calm_phrases(transcript)
+    return [f"{OVER_TRIAGE}: the caller says {_quoted(calm)}, answer {priority}"] if calm else []
 
 
 def urgent_first(reasons: Sequence[str]) -> list[str]:
