@@ -29,6 +29,7 @@ one. A quarter of the calls hold a phrase; the rest get no word from here.
 
 from __future__ import annotations
 
+import functools
 import re
 
 _NEGATION = r"(?:no|not|nobody|no one|nothing|none|never|without|\w+n't)"
@@ -63,6 +64,7 @@ _TURN = re.compile(r"(?:^|(?<=[\s\].!?]))([A-Z][A-Za-z-]*(?: [A-Z0-9][A-Za-z0-9]
 _NOT_THE_CALLER = frozenset({"dispatcher", "operator", "call-taker", "call taker", "calltaker"})
 
 
+@functools.lru_cache(maxsize=64)  # each list below reads the same call's words
 def caller_words(transcript: str) -> str:
     """The transcript without the dispatcher's turns, lower-cased, typographic apostrophes made plain.
 
