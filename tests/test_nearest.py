@@ -83,7 +83,7 @@ def test_choices_are_the_labels_the_nearest_calls_carry_likeliest_first():
     assert NearestDemos(POOL, k=2).neighbourhood(SMOKE_AND_FLAMES).choices == {}  # off by default
 
 
-def test_with_choices_the_model_is_asked_for_the_neighbours_labels_and_keeps_another_valid_one():
+def test_with_choices_the_model_is_held_to_the_neighbours_labels_and_keeps_another_valid_one():
     program = CallTriager()
     program.nearest.load_state({"k": 1, "choices": 4, "pool": POOL})
     answer = {"reasoning": "r", "priority": "urgent", "category": "fire", "summary": "s"}
