@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 
 _NEGATION = r"(?:no|not|nobody|no one|nothing|none|never|without|\w+n't)"
 _NEGATED_BEFORE = re.compile(rf"\b{_NEGATION}\b[\w' ]*$")
@@ -81,22 +82,24 @@ def caller_words(transcript: str) -> str:
 def calm_phrases(transcript: str) -> list[str]:
     """The caller's phrases that say no one is hurt or in danger, or that it is over (in order found)."""
     words = caller_words(transcript)
-    found = sorted([*_NO_HARM.finditer(words), *_PAST_OR_RECORD.finditer(words)], key=lambda match: match.start())
-    return list(dict.fromkeys(match.group(0) for match in found))
+    return _distinct(sorted([*_NO_HARM.finditer(words), *_PAST_OR_RECORD.finditer(words)], key=re.Match.start))
 
 
 def cancelling_phrases(transcript: str) -> list[str]:
     """The caller's phrases that call off an earlier call ("you can cancel that")."""
-    return list(dict.fromkeys(match.group(0) for match in _CANCELLED.finditer(caller_words(transcript))))
+    return _distinct(_CANCELLED.finditer(caller_words(transcript)))
 
 
 def danger_phrases(transcript: str) -> list[str]:
     """The caller's phrases that describe present danger, unless a negation comes just before them."""
     words = caller_words(transcript)
-    return list(
-        dict.fromkeys(
-            match.group(0)
-            for match in _DANGER.finditer(words)
-            if not _NEGATED_BEFORE.search(words[max(0, match.start() - NEGATION_WINDOW) : match.start()])
-        )
+    return _distinct(
+        match
+        for match in _DANGER.finditer(words)
+        if not _NEGATED_BEFORE.search(words[max(0, match.start() - NEGATION_WINDOW) : match.start()])
     )
+
+
+def _distinct(matches: Iterable[re.Match[str]]) -> list[str]:
+    """The matched phrases, each once, in the order given."""
+    return list(dict.fromkeys(match.group(0) for match in matches))
