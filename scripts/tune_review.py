@@ -5,11 +5,12 @@
 
 For every (UNDER_TRIAGE_P, DISAGREE_P, MIN_SUPPORT) on a grid it recomputes the priority reasons
 from each call's recorded second opinion and neighbours' shares, and the caller's-words reasons
-(`triage.cues`) from the transcripts in the report's data file (the other reasons, grounding and
-retries, are kept as recorded) and counts the calls flagged, the wrong priorities flagged and the
-under-triaged calls flagged. It prints the grid around the values in force and suggests the triple
-that flags the fewest calls while catching every under-triaged call and at least `--min-catch` of
-the wrong priorities. (MIN_SUPPORT 0 turns the neighbours' rule off; `--no-cues` the caller's words.)
+(`triage.cues`) from the transcripts in the report's data file (the other reasons, grounding,
+retries and "urgent was one of the labelled calls' choices", are kept as recorded) and counts the
+calls flagged, the wrong priorities flagged and the under-triaged calls flagged. It prints the grid
+around the values in force and suggests the triple that flags the fewest calls while catching every
+under-triaged call and at least `--min-catch` of the wrong priorities. (MIN_SUPPORT 0 turns the
+neighbours' rule off; `--no-cues` the caller's words.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from triage.evaluation import load_labeled  # noqa: E402
 from triage.metrics import is_under_triage  # noqa: E402
-from triage.review import DISAGREE_P, MIN_SUPPORT, UNDER_TRIAGE_P, cue_reasons, priority_reasons  # noqa: E402
+from triage.review import (  # noqa: E402
+    DISAGREE_P,
+    MIN_SUPPORT,
+    UNDER_TRIAGE_P,
+    URGENT_WAS_A_CHOICE,
+    cue_reasons,
+    priority_reasons,
+)
 
 PRIORITY_REASONS = ("possible under-triage", "possible over-triage", "priority disagrees", "priority weakly backed")
 GRID_UNDER = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01)
@@ -50,7 +58,8 @@ def score(calls: list[dict], under_p: float, disagree_p: float, min_support: flo
     for call in calls:
         answer = call.get("triage") or {}
         priority = answer.get("priority")
-        kept = [r for r in (call.get("review") or "").split("; ") if r and not r.startswith(PRIORITY_REASONS)]
+        recorded = (call.get("review") or "").split("; ")
+        kept = [r for r in recorded if r and (URGENT_WAS_A_CHOICE in r or not r.startswith(PRIORITY_REASONS))]
         if priority and "transcript" in call:
             kept += cue_reasons(priority, call["transcript"])
         if priority:

@@ -135,6 +135,36 @@ def test_a_label_with_too_small_a_share_of_the_neighbours_is_no_choice():
     assert everything["priority"] == ("urgent",)  # the likeliest always stays
 
 
+TOAST = "kitchen smoke alarm toast"  # 4 neighbours: 69% of the similarity non_urgent, 31% urgent
+
+
+def test_urgent_stays_a_choice_on_a_smaller_share_than_the_other_labels():
+    shares = NearestDemos(POOL, k=1).shares(TOAST, "priority", 4)
+    assert 0.25 < shares["urgent"] < 0.35 < 0.65 < shares["non_urgent"]
+    same = NearestDemos(POOL, k=1, choices=4, choice_share=0.35)
+    assert same.neighbourhood(TOAST).choices["priority"] == ("non_urgent",)
+    own = NearestDemos(POOL, k=1, choices=4, choice_share=0.35, urgent_share=0.25)
+    assert own.neighbourhood(TOAST).choices["priority"] == ("non_urgent", "urgent")  # the likeliest first
+    assert own.neighbourhood(SMOKE_AND_FLAMES).choices["priority"] == ("urgent", "non_urgent")  # 40% non_urgent
+    assert own.neighbourhood(TOAST).choices["category"] == ("fire",)  # urgent_share is priority's only
+    strict = NearestDemos(POOL, k=1, choices=4, choice_share=1.0, urgent_share=0.0)
+    assert strict.neighbourhood(TOAST).choices["priority"] == ("non_urgent", "urgent")  # the likeliest always stays
+
+
+def test_urgents_share_survives_save_and_load_and_older_files_keep_one_share(tmp_path):
+    program = CallTriager()
+    program.nearest.load_state({"k": 1, "choices": 4, "choice_share": 0.35, "urgent_share": 0.25, "pool": POOL})
+    program.save(str(tmp_path / "triager.json"))
+    loaded = CallTriager()
+    loaded.load(str(tmp_path / "triager.json"))
+    assert loaded.nearest.urgent_share == 0.25
+    assert loaded.nearest.neighbourhood(TOAST).choices["priority"] == ("non_urgent", "urgent")
+    older = CallTriager()
+    older.nearest.load_state({"k": 1, "choices": 4, "choice_share": 0.35, "pool": POOL})
+    assert older.nearest.urgent_share is None and "urgent_share" not in older.dump_state()["nearest_demos"]
+    assert older.nearest.neighbourhood(TOAST).choices["priority"] == ("non_urgent",)
+
+
 def test_a_label_named_in_classified_is_bounded_by_the_pools_classifier_not_the_neighbours():
     nearest = NearestDemos(POOL, k=1, choices=4, choice_share=0.45, classified=("priority",), classifier_share=0.0)
     probabilities = nearest.classifier("priority").probabilities(SMOKE_AND_FLAMES)

@@ -23,7 +23,7 @@ from triage.cli import main
 from triage.demos import details_demo, is_urgent, select_covering, triage_demo, triage_features
 from triage.errors import TriageError
 from triage.evaluation import ModuleRun, load_labeled
-from triage.nearest_search import NearestChoice, choose_nearest
+from triage.nearest_search import MIN_URGENT_RECALL, NearestChoice, choose_nearest, choose_priority_bound
 from triage.optimize import OptimizeOptions, OptimizerUnavailable, check_optimizer_available, optimize
 from triage.programs import CATEGORIES, PRIORITIES, CallTriager, DetailExtractor
 from triage.settings import Settings
@@ -171,13 +171,18 @@ def test_nearest_optimize_keeps_the_neighbours_bound_when_it_scores_better(tmp_p
     assert (triager.nearest.k, triager.nearest.choices) == (1, 3)
     assert extractor.nearest.choices == 0
     report = json.loads((tmp_path / "optimized" / "report.json").read_text())
-    share = triager.nearest.choice_share
+    share, urgent_share = triager.nearest.choice_share, triager.nearest.urgent_share
     assert share in OptimizeOptions().choice_share_candidates
+    assert urgent_share in (*OptimizeOptions().urgent_share_candidates, share) and urgent_share <= share
     assert triager.nearest.classified in ((), ("category",)) and triager.nearest.classifier_share == share
-    bound = NearestChoice(1, 3, share, triager.nearest.classified).describe()
+    bound = NearestChoice(1, 3, share, triager.nearest.classified, urgent_share).describe()
     assert bound.startswith("k=1, choices=3")
     notes = "\n".join(report["notes"])
     assert f"triage: nearest demos, {bound} (metric on eval: {bound}: " in notes and "; k=1: " in notes
+    # The priority bound was chosen leave-one-out on train + dev (the saved pool), and says so.
+    pool = len(triager.nearest.pool)
+    assert f"chosen leave-one-out on {pool} labelled calls" in notes
+    assert f"share >= {share:g}, urgent >= {urgent_share:g} (urgent recall " in notes
 
 
 def write_old_files(out: Path) -> None:
@@ -353,6 +358,23 @@ def test_a_second_demo_is_kept_only_if_it_earns_more_than_one_eval_call(monkeypa
         return ModuleRun(program=source.label, predictions=answers)
 
     monkeypatch.setattr(triage.nearest_search, "run_module", run_module)
-    chosen, scores = choose_nearest(target, OptimizeOptions(k_candidates=(1, 2)), train, evalset, None, None)
+    chosen, scores, _ = choose_nearest(
+        target, OptimizeOptions(k_candidates=(1, 2)), train, evalset, None, None, train + evalset
+    )
     assert scores[NearestChoice(2)] - scores[NearestChoice(1)] == pytest.approx(gain / 10)
     assert chosen == NearestChoice(chosen_k)
+
+
+def test_the_priority_bound_is_chosen_leave_one_out_for_urgent_recall():
+    fires = ["house fire flames smoke", "kitchen fire flames spreading", "garage fire smoke flames", "car fire flames"]
+    toast = ["smoke alarm kitchen burnt toast", "smoke alarm toast again kitchen", "alarm beeping burnt toast smoke"]
+    labelled = [dspy.Example(transcript=t, priority="urgent") for t in fires]
+    labelled += [dspy.Example(transcript=t, priority="non_urgent") for t in [*toast, "burnt toast kitchen alarm"]]
+    labelled.append(dspy.Example(transcript="smoke alarm kitchen toast, fire flames", priority="urgent"))
+    (share, urgent_share), figures = choose_priority_bound(labelled, 3, (0.5,), (0.1, 0.2, 0.3, 0.4))
+    # Its own label would keep every urgent call at any share: the mixed call is judged by the others,
+    # mostly toast, so one share for every label loses it.
+    assert figures[(0.5, 0.5)].urgent_recall == pytest.approx(4 / 5)
+    assert (share, urgent_share) == (0.5, 0.2)  # the most accurate pair that keeps every urgent call
+    assert figures[(0.5, 0.2)].urgent_recall == 1.0 >= MIN_URGENT_RECALL
+    assert figures[(0.5, 0.1)].urgent_recall == 1.0 and figures[(0.5, 0.1)].priority < figures[(0.5, 0.2)].priority

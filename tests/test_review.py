@@ -13,7 +13,7 @@ from triage.demos import nearest_pool, triage_demo
 from triage.evaluation import load_labeled
 from triage.lm import ChatAdapter, LMSetup
 from triage.programs import CallTriager
-from triage.review import cue_reasons, join_reasons, priority_reasons, urgent_first
+from triage.review import choice_reasons, cue_reasons, join_reasons, priority_reasons, urgent_first
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 from triage.stages import ExtractDetailsStage, ProgramSource, StageConfig, TriageStage
@@ -94,6 +94,17 @@ def test_the_callers_words_flag_a_priority_they_contradict():
         "possible over-triage: the caller says 'you can cancel', answer non_urgent"
     ]
     assert cue_reasons("not_an_emergency", cancelled) == []
+
+
+def test_an_answer_below_urgent_when_urgent_was_a_choice_is_possible_under_triage():
+    [reason] = choice_reasons("non_urgent", {"priority": ("non_urgent", "urgent"), "category": ("noise",)})
+    assert reason == (
+        "possible under-triage: urgent was one of the labelled calls' choices (non_urgent, urgent), answer non_urgent"
+    )
+    assert choice_reasons("not_an_emergency", {"priority": ("urgent", "not_an_emergency")})
+    assert choice_reasons("urgent", {"priority": ("non_urgent", "urgent")}) == []  # it took urgent
+    assert choice_reasons("non_urgent", {"priority": ("non_urgent", "not_an_emergency")}) == []  # urgent was no choice
+    assert choice_reasons("non_urgent", {}) == []  # no bound
 
 
 def test_urgent_first_moves_possible_under_triage_ahead_and_keeps_the_rest_in_order():
@@ -194,3 +205,18 @@ def test_a_label_outside_the_bound_is_kept_in_one_request_and_reviewed(nearest_t
     assert len(engine.requests) == 1  # not asked again
     assert "priority non_urgent is outside the labelled calls' choices (urgent)" in row["review"]
     assert row["review"].startswith("possible under-triage: ")  # still the most serious reason first
+
+
+def test_triage_stage_flags_a_calmer_answer_when_the_bound_left_urgent(nearest_triager_state):
+    """urgent stays a choice on a smaller share than the other labels; the model's other pick is reviewed."""
+    bounded = {**nearest_triager_state}
+    bounded["nearest_demos"] = {**bounded["nearest_demos"], "choices": 5, "choice_share": 1.0, "urgent_share": 0.0}
+    party = "Caller: The party next door is so loud, music all night, I cannot sleep."
+    stage, _ = stage_with(TriageStage, lambda request: fields_for("triage", priority="non_urgent"), bounded)
+    assert stage.program.nearest.neighbourhood(party).choices["priority"] == ("non_urgent", "urgent")
+    [row] = asyncio.run(stage(batch([party]))).to_pylist()
+    assert row["priority"] == "non_urgent"  # kept as answered
+    first = row["review"].split("; ")[0]
+    assert first == "possible under-triage: urgent was one of the labelled calls' choices (non_urgent, urgent), " + (
+        "answer non_urgent"
+    )

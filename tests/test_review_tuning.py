@@ -55,3 +55,20 @@ def test_tune_review_counts_the_callers_words_from_the_reports_transcripts(tmp_p
     with_words = tune_review.with_transcripts(tune_review.calls_of(report), report)
     assert tune_review.score(with_words, 0.7, 0.0, 0.5) == (1, 1, 1, 0, 0)  # flagged: "possible over-triage"
     assert tune_review.score(tune_review.calls_of(report), 0.7, 0.0, 0.5) == (0, 1, 0, 0, 0)  # the labelled data agrees
+
+
+def test_tune_review_keeps_the_recorded_urgent_choice_and_recomputes_the_other_priority_reasons():
+    tune_review = load_script("tune_review")
+    recorded = [
+        "possible under-triage: urgent was one of the labelled calls' choices (non_urgent, urgent), answer non_urgent",
+        "possible under-triage: similar labelled calls say urgent (90%), answer non_urgent",
+    ]
+    call = {
+        "call_id": "c1",
+        "gold": {"priority": "urgent"},
+        "triage": {"priority": "non_urgent"},
+        "second_opinion": {"urgent": 0.1, "non_urgent": 0.9},  # what the thresholds read now: no doubt
+        "neighbours": {"non_urgent": 1.0},
+    }
+    assert tune_review.score([call | {"review": "; ".join(recorded)}], 0.7, 0.0, 0.5) == (1, 1, 1, 1, 1)
+    assert tune_review.score([call | {"review": recorded[1]}], 0.7, 0.0, 0.5) == (0, 1, 0, 1, 0)  # recomputed

@@ -105,7 +105,10 @@ class OptimizeOptions:
     vote_candidates: tuple[int, ...] = (1, 3, 5, 7, 10)  # nearest: neighbours whose vote picks the last demo
     vote: int = 0  # set by `optimize` from vote_candidates
     choices_candidates: tuple[int, ...] = (5,)  # nearest: neighbours whose labels bound the triager's answer
-    choice_share_candidates: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4, 0.5)  # chosen offline, see choose_choice_share
+    # nearest: the share of the neighbours' similarity a priority needs to stay a choice, and urgent's own
+    # (at most the share): chosen offline, see choose_priority_bound
+    choice_share_candidates: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4, 0.5)
+    urgent_share_candidates: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4)
     seed: int = 0
 
     @property
@@ -309,6 +312,8 @@ def optimize(
     usage: dict[str, Usage] = {}
     chosen: dict[str, NearestChoice] = {}
     notes: list[str] = []
+    # The saved programs' pool: train, with dev's calls added when dev is the eval split (never test's).
+    labelled = trainset + load_labeled(options.dev) if options.eval_split == "dev" else trainset
     if options.optimizer == "nearest":
         vote, by_vote = choose_vote(trainset, evalset, options.vote_candidates)
         options = dataclasses.replace(options, vote=vote)
@@ -332,7 +337,10 @@ def optimize(
             contextlib.redirect_stdout(sys.stderr),
         ):
             if options.optimizer == "nearest":
-                chosen[target.name], tried_scores = choose_nearest(target, options, trainset, evalset, settings, setup)
+                chosen[target.name], tried_scores, bound_notes = choose_nearest(
+                    target, options, trainset, evalset, settings, setup, labelled
+                )
+                notes += bound_notes
                 compiled[target.name] = nearest_program(
                     target, trainset, chosen[target.name], options.max_demo_chars, options.vote
                 )
@@ -375,7 +383,7 @@ def optimize(
 
     if pool_grows:
         # Tuned and scored with train as the pool; the saved programs draw on dev's labelled calls too.
-        pool = trainset + load_labeled(options.dev)
+        pool = labelled
         for target in TARGETS:
             program = nearest_program(target, pool, chosen[target.name], options.max_demo_chars, options.vote)
             texts[target.name] = program_json(program, {**provenance, "pool": [options.train, options.dev]})

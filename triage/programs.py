@@ -67,6 +67,18 @@ SIMILAR_DEPTH = 10  # neighbours looked up at once, whichever fewer are asked fo
 DEMO_CHOICES = ("program", "fixed", "none")
 
 
+def bounded_labels(totals: dict[str, float], share: float, urgent_share: float | None = None) -> tuple[str, ...]:
+    """The labels that stay choices, the likeliest first (ties: the first met): those holding at
+    least `share` of the summed weight (`urgent`: `urgent_share`, if given); the likeliest always."""
+    ranked = sorted(totals, key=lambda value: -totals[value])  # stable: the nearer call's first
+    whole = sum(totals.values()) or 1.0
+
+    def needed(value: str) -> float:
+        return urgent_share if value == "urgent" and urgent_share is not None else share
+
+    return tuple(v for i, v in enumerate(ranked) if i == 0 or totals[v] / whole >= needed(v))
+
+
 @dataclass(frozen=True)
 class Neighbourhood:
     """What the labelled calls most similar to one transcript say about it."""
@@ -97,8 +109,10 @@ class NearestDemos:
     `choices` most similar calls carry (listed by their summed similarity, the likeliest first),
     instead of among all labels: the prompt says so and a constrained decoder enforces it. A label
     stays a choice if it holds at least `choice_share` of the neighbours' summed similarity (the
-    likeliest always stays). The model decides whenever more than one label is left; when one is,
-    the label is the neighbours'. `optimize` turns it on only if it scores better on dev.
+    likeliest always stays). `urgent` may have its own, lower share (`urgent_share`): under-triage
+    is the costliest error, so urgent stays a choice on weaker evidence than the other labels. The
+    model decides whenever more than one label is left; when one is, the label is the neighbours'.
+    `optimize` chooses the shares offline and turns the bound on only if it scores better on dev.
 
     The labels named in `classified` are bounded by a classifier on the pool (`SecondOpinion`)
     instead of by the neighbours: a label stays a choice with a probability of at least
@@ -116,6 +130,7 @@ class NearestDemos:
         choice_share: float = 0.0,
         classified: Sequence[str] = (),
         classifier_share: float = 0.0,
+        urgent_share: float | None = None,
     ) -> None:
         self.pool = [dict(demo) for demo in pool]
         self.k = k
@@ -125,6 +140,7 @@ class NearestDemos:
         self.choice_share = choice_share
         self.classified = tuple(classified)
         self.classifier_share = classifier_share
+        self.urgent_share = urgent_share  # None: the same as choice_share
         self._index: SimilarCalls | None = None
         self._classifiers: dict[str, SecondOpinion | None] = {}
         # The last calls' lookups: the program, its stage's review and evaluate all ask about the
@@ -140,6 +156,8 @@ class NearestDemos:
         state = {"k": self.k, "max_demo_chars": self.max_demo_chars, "vote": self.vote, "pool": self.pool}
         if self.choices:
             state |= {"choices": self.choices, "choice_share": self.choice_share}
+            if self.urgent_share is not None:
+                state["urgent_share"] = self.urgent_share
         if self.classified:
             state |= {"classified": list(self.classified), "classifier_share": self.classifier_share}
         return state
@@ -155,6 +173,7 @@ class NearestDemos:
             state.get("choice_share", 0.0),
             state.get("classified", ()),
             state.get("classifier_share", 0.0),
+            state.get("urgent_share"),
         )
 
     def _remembered(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
@@ -246,16 +265,15 @@ class NearestDemos:
                 votes = [(self.pool[i].get(label), s) for i, s in neighbours]
                 totals, share = label_totals([(v, s) for v, s in votes if isinstance(v, str)]), self.choice_share
             if totals:
-                ranked = sorted(totals, key=lambda value: -totals[value])  # stable: the nearer call's first
-                whole = sum(totals.values()) or 1.0
-                choices[label] = tuple(v for v in ranked if totals[v] / whole >= share) or tuple(ranked[:1])
+                urgent_share = self.urgent_share if label == "priority" else None
+                choices[label] = bounded_labels(totals, share, urgent_share)
         return choices
 
     def neighbourhood(self, transcript: str) -> Neighbourhood:
         """The demos to show for `transcript` (cut to `max_demo_chars`) and the labels its answer may take."""
         if not self.active:
             return Neighbourhood()
-        settings = (self.k, self.max_demo_chars, self.vote, self.choices, self.choice_share)
+        settings = (self.k, self.max_demo_chars, self.vote, self.choices, self.choice_share, self.urgent_share)
         key = ("neighbourhood", transcript, *settings, self.classified, self.classifier_share)
         return self._remembered(key, lambda: self._neighbourhood(transcript))
 
@@ -281,6 +299,7 @@ class NearestDemos:
             self.choice_share,
             self.classified,
             self.classifier_share,
+            self.urgent_share,
         )  # the index and classifiers are rebuilt on use
 
 

@@ -129,6 +129,19 @@ def _classifier_reasons(
     return []
 
 
+def choice_reasons(priority: str, choices: dict[str, tuple[str, ...]]) -> list[str]:
+    """Possible under-triage when the program left urgent as a choice for this call and the model
+    answered another priority: the bound keeps urgent on weaker evidence than the other labels
+    (`NearestDemos.urgent_share`), so a human decides the calls where the model did not take it."""
+    allowed = choices.get("priority", ())
+    if priority in PRIORITIES and priority != "urgent" and "urgent" in allowed:
+        return [f"{UNDER_TRIAGE}: {URGENT_WAS_A_CHOICE} ({', '.join(allowed)}), answer {priority}"]
+    return []
+
+
+URGENT_WAS_A_CHOICE = "urgent was one of the labelled calls' choices"
+
+
 def bound_reasons(values: dict[str, str | None], choices: dict[str, tuple[str, ...]]) -> list[str]:
     """One reason per label answered outside the choices the program left it for this call."""
     return [

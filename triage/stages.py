@@ -46,6 +46,7 @@ from triage.review import (
     NEIGHBOURS,
     attempts_reason,
     bound_reasons,
+    choice_reasons,
     cue_reasons,
     grounding_reasons,
     join_reasons,
@@ -372,11 +373,13 @@ class TriageStage(Stage):
     def review(self, transcript: str, answer: Answer) -> list[str]:
         evidence = self.evidence(transcript)
         priority = answer.values["priority"]
+        choices = self.program.nearest.neighbourhood(transcript).choices
         reasons = urgent_first(
-            cue_reasons(priority, transcript)
+            choice_reasons(priority, choices)
+            + cue_reasons(priority, transcript)
             + priority_reasons(priority, evidence["second_opinion"], evidence["neighbours"])
         )
-        reasons += bound_reasons(answer.values, self.program.nearest.neighbourhood(transcript).choices)
+        reasons += bound_reasons(answer.values, choices)
         return reasons + super().review(transcript, answer)
 
 
