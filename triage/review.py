@@ -3,7 +3,9 @@
 Each stage adds its reasons to the row's `review` column (null when there are none), joined by
 "; ", the most serious first:
 
-1. "possible under-triage: the caller says ..." a non-urgent answer to a call whose caller
+1. "possible under-triage: urgent was one of the labelled calls' choices ..." the program's
+   bound left urgent to the model (`NearestDemos.urgent_share`) and it answered another priority.
+   "possible under-triage: the caller says ..." a non-urgent answer to a call whose caller
    describes present danger ("not breathing", "gun": `triage.cues`), and "possible under-triage:
    similar labelled calls say ..." the second opinion (a classifier on the labelled calls,
    `triage.retrieval.SecondOpinion`) would answer a more urgent level than the LM, or gives
