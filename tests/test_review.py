@@ -53,20 +53,20 @@ def test_a_priority_most_of_its_nearest_labelled_calls_do_not_back_is_flagged():
     assert priority_reasons("urgent", agreeing, split) == [
         "priority weakly backed: 30% of the nearest labelled calls say urgent"
     ]
-    assert priority_reasons("urgent", agreeing, {"urgent": 0.5, "non_urgent": 0.5}) == []  # half is enough
+    assert priority_reasons("urgent", agreeing, {"urgent": 0.35, "non_urgent": 0.65}) == []  # as much as the bound asks
     assert priority_reasons("urgent", agreeing, {"urgent": 0.45, "non_urgent": 0.55}, min_support=0.4) == []
     assert priority_reasons("urgent", {}, split) == [
         "priority weakly backed: 30% of the nearest labelled calls say urgent"
     ]
     # The neighbours say more urgent than the answer: possible under-triage, first, whatever the classifier says.
     calm = {"urgent": 0.1, "non_urgent": 0.3, "not_an_emergency": 0.6}
-    assert priority_reasons("non_urgent", calm, {"urgent": 0.6, "non_urgent": 0.4}) == [
-        "possible under-triage: the nearest labelled calls say urgent (60%), answer non_urgent",
+    assert priority_reasons("non_urgent", calm, {"urgent": 0.7, "non_urgent": 0.3}) == [
+        "possible under-triage: the nearest labelled calls say urgent (70%), answer non_urgent",
         "priority disagrees: similar labelled calls say not_an_emergency (60%), answer non_urgent",
     ]
     # One reason of a kind: the classifier's under-triage (or disagreement) already says it.
     leaning_urgent = {"urgent": 0.45, "non_urgent": 0.35, "not_an_emergency": 0.20}
-    assert priority_reasons("non_urgent", leaning_urgent, {"urgent": 0.6, "non_urgent": 0.4}) == [
+    assert priority_reasons("non_urgent", leaning_urgent, {"urgent": 0.7, "non_urgent": 0.3}) == [
         "possible under-triage: similar labelled calls say urgent (45%), answer non_urgent"
     ]
     leaning_calm = {"urgent": 0.20, "non_urgent": 0.50, "not_an_emergency": 0.30}
