@@ -175,6 +175,10 @@ def test_a_label_named_in_classified_is_bounded_by_the_pools_classifier_not_the_
     likeliest = max(probabilities, key=probabilities.__getitem__)
     assert nearest.neighbourhood(SMOKE_AND_FLAMES).choices["priority"] == (likeliest,)  # the likeliest stays
     assert nearest.classifier("animal") is None  # a label the pool does not carry: no classifier
+    toast = nearest.classifier("priority").probabilities(TOAST)
+    assert max(toast, key=toast.__getitem__) == "non_urgent"
+    nearest.urgent_share = 0.0  # urgent's own share holds for the classifier's bound too
+    assert nearest.neighbourhood(TOAST).choices["priority"] == ("non_urgent", "urgent")
 
 
 def test_the_classifier_bound_survives_save_and_load(tmp_path):

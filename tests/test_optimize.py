@@ -161,8 +161,8 @@ def first_allowed_labels(body: dict) -> str:
     return format_content({name: first.get(name, answer.get(name, "n/a")) for name in request.fields}, False)
 
 
-def test_nearest_optimize_keeps_the_neighbours_bound_when_it_scores_better(tmp_path):
-    # The first allowed label is "urgent" without a bound and the neighbours' likeliest label with it.
+def test_nearest_optimize_keeps_the_labelled_calls_bound_when_it_scores_better(tmp_path):
+    # The first allowed label is "urgent" without a bound and the labelled calls' likeliest label with it.
     with FakeProvider(handler=first_allowed_labels) as provider:
         optimize(fake_settings(provider), options(tmp_path, k_candidates=(1,), choices_candidates=(3,), max_eval=12))
     triager, extractor = CallTriager(), DetailExtractor()
@@ -174,7 +174,7 @@ def test_nearest_optimize_keeps_the_neighbours_bound_when_it_scores_better(tmp_p
     share, urgent_share = triager.nearest.choice_share, triager.nearest.urgent_share
     assert share in OptimizeOptions().choice_share_candidates
     assert urgent_share in (*OptimizeOptions().urgent_share_candidates, share) and urgent_share <= share
-    assert triager.nearest.classified in ((), ("category",)) and triager.nearest.classifier_share == share
+    assert set(triager.nearest.classified) <= {"priority", "category"} and triager.nearest.classifier_share == share
     bound = NearestChoice(1, 3, share, triager.nearest.classified, urgent_share).describe()
     assert bound.startswith("k=1, choices=3")
     notes = "\n".join(report["notes"])
@@ -182,7 +182,8 @@ def test_nearest_optimize_keeps_the_neighbours_bound_when_it_scores_better(tmp_p
     # The priority bound was chosen leave-one-out on train + dev (the saved pool), and says so.
     pool = len(triager.nearest.pool)
     assert f"chosen leave-one-out on {pool} labelled calls" in notes
-    assert f"share >= {share:g}, urgent >= {urgent_share:g} (urgent recall " in notes
+    source = "classifier" if "priority" in triager.nearest.classified else "neighbours"
+    assert f"by the {source}, share >= {share:g}, urgent >= {urgent_share:g} (urgent recall " in notes
 
 
 def write_old_files(out: Path) -> None:
@@ -371,10 +372,24 @@ def test_the_priority_bound_is_chosen_leave_one_out_for_urgent_recall():
     labelled = [dspy.Example(transcript=t, priority="urgent") for t in fires]
     labelled += [dspy.Example(transcript=t, priority="non_urgent") for t in [*toast, "burnt toast kitchen alarm"]]
     labelled.append(dspy.Example(transcript="smoke alarm kitchen toast, fire flames", priority="urgent"))
-    (share, urgent_share), figures = choose_priority_bound(labelled, 3, (0.5,), (0.1, 0.2, 0.3, 0.4))
+    bound, figures = choose_priority_bound(labelled, 3, (0.5,), (0.1, 0.2, 0.3, 0.4))
+    by_neighbours = {(b.share, b.urgent_share): f for b, f in figures.items() if b.source == "neighbours"}
     # Its own label would keep every urgent call at any share: the mixed call is judged by the others,
     # mostly toast, so one share for every label loses it.
-    assert figures[(0.5, 0.5)].urgent_recall == pytest.approx(4 / 5)
-    assert (share, urgent_share) == (0.5, 0.2)  # the most accurate pair that keeps every urgent call
-    assert figures[(0.5, 0.2)].urgent_recall == 1.0 >= MIN_URGENT_RECALL
-    assert figures[(0.5, 0.1)].urgent_recall == 1.0 and figures[(0.5, 0.1)].priority < figures[(0.5, 0.2)].priority
+    assert by_neighbours[(0.5, 0.5)].urgent_recall == pytest.approx(4 / 5)
+    assert by_neighbours[(0.5, 0.2)].urgent_recall == 1.0 >= MIN_URGENT_RECALL
+    assert by_neighbours[(0.5, 0.1)].urgent_recall == 1.0
+    assert by_neighbours[(0.5, 0.1)].priority < by_neighbours[(0.5, 0.2)].priority
+    # The classifier (fitted on the others) is scored beside them; the most accurate bound that keeps
+    # every urgent call wins.
+    assert {b.source for b in figures} == {"neighbours", "classifier"}
+    meeting = [b for b, f in figures.items() if f.urgent_recall >= MIN_URGENT_RECALL]
+    assert figures[bound].urgent_recall >= MIN_URGENT_RECALL
+    assert figures[bound].priority == max(figures[b].priority for b in meeting)
+
+
+def test_without_a_classifier_for_every_call_the_priority_bound_is_the_neighbours():
+    labelled = [dspy.Example(transcript=f"house fire flames {i}", priority="urgent") for i in range(4)]
+    labelled.append(dspy.Example(transcript="burnt toast", priority="non_urgent"))  # alone with its label
+    bound, figures = choose_priority_bound(labelled, 3, (0.5,), (0.3,))
+    assert bound.source == "neighbours" and {b.source for b in figures} == {"neighbours"}

@@ -2,7 +2,8 @@
 
 Each is chosen on the eval split with train as the demo pool (no evaluated call is shown itself):
 the vote and the classifier's bound offline from the labels alone, k and whether to bound with the
-LM; the priority bound's shares offline, leave-one-out on train + dev (`choose_priority_bound`).
+LM; the priority bound (neighbours or classifier, and its shares) offline, leave-one-out on
+train + dev (`choose_priority_bound`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from triage.evaluation import run_module
 from triage.lm import LMSetup
 from triage.metrics import percent
 from triage.programs import PRIORITIES, NearestDemos, bounded_labels, literal_choices
-from triage.retrieval import SimilarCalls, label_totals, weighted_vote
+from triage.retrieval import SecondOpinion, SimilarCalls, label_totals, weighted_vote
 from triage.settings import Settings
 from triage.stages import ProgramSource
 
@@ -102,42 +103,64 @@ class BoundFigures:
     urgent_recall: float
 
 
+@dataclass(frozen=True)
+class PriorityBound:
+    """Where a call's priority choices come from, and the share (urgent's own) a priority needs."""
+
+    source: str  # "neighbours": the `n` most similar calls' similarity; "classifier": the pool classifier
+    share: float
+    urgent_share: float
+
+    def describe(self) -> str:
+        return f"by the {self.source}, share >= {self.share:g}, urgent >= {self.urgent_share:g}"
+
+
 def choose_priority_bound(
     labelled: list[dspy.Example], n: int, shares: tuple[float, ...], urgent_shares: tuple[float, ...]
-) -> tuple[tuple[float, float], dict[tuple[float, float], BoundFigures]]:
-    """The (share, urgent share) a priority needs of the `n` neighbours' similarity to stay a choice.
+) -> tuple[PriorityBound, dict[PriorityBound, BoundFigures]]:
+    """Which labels a call's priority may take: bounded by the similarity of its `n` nearest calls
+    or by the pool classifier's probabilities, with the share a priority needs and urgent's own.
 
     Chosen without the LM, leave-one-out over every labelled call given (train + dev): each call
-    is bounded by its `n` most similar among all the others, as the saved program (whose pool is
-    every labelled call) bounds a new call. Dev alone has 33 urgent calls, too few: the share it
-    chose (0.4 for every label) kept 94.1% of the urgent calls leave-one-out. The model is assumed
-    to take the most urgent priority left (the embedded model took urgent in 24 of the 27 calls
-    where urgent and another priority are left, out of fold). Of the pairs (urgent share at most
-    the share) whose urgent recall is at least `MIN_URGENT_RECALL`, the one with the best accuracy
-    (ties: the higher recall, then the smaller share); if none reaches it, the highest recall.
+    is bounded by all the others (its neighbours among them, a classifier fitted on them), as the
+    saved program, whose pool is every labelled call, bounds a new call. Dev alone has 33 urgent
+    calls, too few: the neighbours' share it chose (0.4 for every label) kept 94.1% of the urgent
+    calls leave-one-out. The model is assumed to take the most urgent priority left (the embedded
+    model took urgent in 24 of the 27 calls where urgent and another priority were left, out of
+    fold). Of the bounds (urgent share at most the share) whose urgent recall is at least
+    `MIN_URGENT_RECALL`, the one with the best accuracy (ties: the higher recall, then the smaller
+    share, then the neighbours); if none reaches it, the highest recall.
     """
-    totals = []
+    evidence: dict[str, list[dict[str, float]]] = {"neighbours": [], "classifier": []}
     for i, example in enumerate(labelled):
         others = labelled[:i] + labelled[i + 1 :]
-        found = SimilarCalls([other.transcript for other in others]).most_similar(example.transcript, n)
-        totals.append(label_totals([(others[j].priority, similarity) for j, similarity in found]))
+        index = SimilarCalls([other.transcript for other in others])
+        found = index.most_similar(example.transcript, n)
+        evidence["neighbours"].append(label_totals([(others[j].priority, similarity) for j, similarity in found]))
+        classifier = SecondOpinion.on_index(index, [other.priority for other in others])
+        evidence["classifier"].append(classifier.probabilities(example.transcript) if classifier else {})
+    if not all(evidence["classifier"]):
+        del evidence["classifier"]  # too few labels somewhere to fit one
     pairs = sorted({(share, urgent) for share in shares for urgent in (*urgent_shares, share) if urgent <= share})
-    figures: dict[tuple[float, float], BoundFigures] = {}
+    figures: dict[PriorityBound, BoundFigures] = {}
     urgent_calls = sum(example.priority == "urgent" for example in labelled)
-    for share, urgent_share in pairs:
-        right = urgent_kept = 0
-        for example, neighbours in zip(labelled, totals, strict=True):
-            answer = min(bounded_labels(neighbours, share, urgent_share), key=PRIORITIES.index)
-            right += answer == example.priority
-            urgent_kept += answer == "urgent" == example.priority
-        recall = urgent_kept / urgent_calls if urgent_calls else 1.0
-        figures[(share, urgent_share)] = BoundFigures(right / len(labelled), recall)
-    meeting = [pair for pair, f in figures.items() if f.urgent_recall >= MIN_URGENT_RECALL]
+    for source, weights in evidence.items():
+        for share, urgent_share in pairs:
+            right = urgent_kept = 0
+            for example, weight in zip(labelled, weights, strict=True):
+                answer = min(bounded_labels(weight, share, urgent_share), key=PRIORITIES.index)
+                right += answer == example.priority
+                urgent_kept += answer == "urgent" == example.priority
+            recall = urgent_kept / urgent_calls if urgent_calls else 1.0
+            figures[PriorityBound(source, share, urgent_share)] = BoundFigures(right / len(labelled), recall)
+
+    def preference(bound: PriorityBound) -> tuple[float, ...]:
+        return (figures[bound].priority, figures[bound].urgent_recall, -bound.share, bound.source == "neighbours")
+
+    meeting = [bound for bound, f in figures.items() if f.urgent_recall >= MIN_URGENT_RECALL]
     if meeting:
-        best = max(meeting, key=lambda p: (figures[p].priority, figures[p].urgent_recall, -p[0]))
-    else:
-        best = max(figures, key=lambda p: (figures[p].urgent_recall, figures[p].priority, -p[0]))
-    return best, figures
+        return max(meeting, key=preference), figures
+    return max(figures, key=lambda bound: (figures[bound].urgent_recall, *preference(bound))), figures
 
 
 def choose_classified(
@@ -168,6 +191,20 @@ def choose_classified(
         if right["classifier"] > right["neighbours"]:
             kept.append(label)
     return tuple(kept)
+
+
+def _bound_note(bound: PriorityBound, figures: dict[PriorityBound, BoundFigures], n: int, calls: int) -> str:
+    def said(b: PriorityBound) -> str:
+        return f"urgent recall {percent(figures[b].urgent_recall)}, priority {percent(figures[b].priority)}"
+
+    others = [PriorityBound(bound.source, bound.share, bound.share)]  # the same share for urgent
+    other_source = "neighbours" if bound.source == "classifier" else "classifier"
+    others.append(PriorityBound(other_source, bound.share, bound.urgent_share))
+    tried = "; ".join(f"{b.describe()}: {said(b)}" for b in others if b in figures and b != bound)
+    return (
+        f"the priority bound ({n} neighbours or the classifier), chosen leave-one-out on {calls} labelled calls "
+        f"for a model that takes the most urgent priority left: {bound.describe()} ({said(bound)}; {tried})"
+    )
 
 
 def choose_nearest(
@@ -218,20 +255,15 @@ def choose_nearest(
         return best(list(scores)), scores, []
     notes = []
     for n in sorted({n for n in options.choices_candidates if n > 0}):
-        (share, urgent_share), figures = choose_priority_bound(
+        bound, figures = choose_priority_bound(
             labelled, n, options.choice_share_candidates, options.urgent_share_candidates
         )
-        chosen = figures[(share, urgent_share)]
-        notes.append(
-            f"{target.name}: the priority bound of {n} neighbours, chosen leave-one-out on {len(labelled)} labelled "
-            f"calls for a model that takes the most urgent priority left: share >= {share:g}, urgent >= "
-            f"{urgent_share:g} (urgent recall {percent(chosen.urgent_recall)}, priority {percent(chosen.priority)}; "
-            f"the same share for urgent: {percent(figures[(share, share)].urgent_recall)}, "
-            f"{percent(figures[(share, share)].priority)})"
-        )
-        classified = choose_classified(trainset, evalset, n, share, ("category",))
+        notes.append(f"{target.name}: {_bound_note(bound, figures, n, len(labelled))}")
+        classified = choose_classified(trainset, evalset, n, bound.share, ("category",))
+        if bound.source == "classifier":
+            classified = ("priority", *classified)
         for k in ks:
-            score(NearestChoice(k, n, share, classified, urgent_share))
+            score(NearestChoice(k, n, bound.share, classified, bound.urgent_share))
     if scores:  # the bound is kept only if the model scores better with it than without, at its best k
         score(NearestChoice(best(list(scores)).k))
     else:

@@ -118,6 +118,8 @@ class NearestDemos:
     instead of by the neighbours: a label stays a choice with a probability of at least
     `classifier_share`. On dev (train as the pool) the classifier's likeliest category is right
     more often than the neighbours' (71.2% against 68.5%); `optimize` decides from that, offline.
+    The priority's source (neighbours or classifier) and shares are chosen offline too, leave-one-out
+    on train + dev (`nearest_search.choose_priority_bound`); `urgent_share` holds for either.
     """
 
     def __init__(
