@@ -28,6 +28,16 @@ for demo in POOL:
     demo |= {"reasoning": "Category: x.", "summary": demo["call_id"]}
 
 
+def saved_and_loaded(nearest_state: dict, tmp_path) -> CallTriager:
+    """A triager with this nearest-demo state, saved to a file and loaded into a fresh one."""
+    program = CallTriager()
+    program.nearest.load_state(nearest_state)
+    program.save(str(tmp_path / "triager.json"))
+    loaded = CallTriager()
+    loaded.load(str(tmp_path / "triager.json"))
+    return loaded
+
+
 def ids(nearest: NearestDemos, transcript: str) -> list[str]:
     return [demo["call_id"] for demo, _ in nearest.nearest(transcript)]
 
@@ -51,11 +61,7 @@ def test_with_a_vote_the_last_demo_carries_the_neighbourhoods_labels():
 
 
 def test_the_pool_and_settings_survive_save_and_load(tmp_path):
-    program = CallTriager()
-    program.nearest.load_state({"k": 2, "max_demo_chars": 12, "vote": 3, "choices": 4, "pool": POOL})
-    program.save(str(tmp_path / "triager.json"))
-    loaded = CallTriager()
-    loaded.load(str(tmp_path / "triager.json"))
+    loaded = saved_and_loaded({"k": 2, "max_demo_chars": 12, "vote": 3, "choices": 4, "pool": POOL}, tmp_path)
     assert (loaded.nearest.k, loaded.nearest.max_demo_chars, loaded.nearest.vote) == (2, 12, 3)
     assert loaded.nearest.choices == 4
     assert loaded.nearest.pool == POOL
@@ -152,11 +158,8 @@ def test_urgent_stays_a_choice_on_a_smaller_share_than_the_other_labels():
 
 
 def test_urgents_share_survives_save_and_load_and_older_files_keep_one_share(tmp_path):
-    program = CallTriager()
-    program.nearest.load_state({"k": 1, "choices": 4, "choice_share": 0.35, "urgent_share": 0.25, "pool": POOL})
-    program.save(str(tmp_path / "triager.json"))
-    loaded = CallTriager()
-    loaded.load(str(tmp_path / "triager.json"))
+    state = {"k": 1, "choices": 4, "choice_share": 0.35, "urgent_share": 0.25, "pool": POOL}
+    loaded = saved_and_loaded(state, tmp_path)
     assert loaded.nearest.urgent_share == 0.25
     assert loaded.nearest.neighbourhood(TOAST).choices["priority"] == ("non_urgent", "urgent")
     older = CallTriager()
@@ -182,13 +185,10 @@ def test_a_label_named_in_classified_is_bounded_by_the_pools_classifier_not_the_
 
 
 def test_the_classifier_bound_survives_save_and_load(tmp_path):
-    program = CallTriager()
-    program.nearest.load_state(
-        {"k": 1, "choices": 3, "choice_share": 0.4, "classified": ["category"], "classifier_share": 0.3, "pool": POOL}
+    loaded = saved_and_loaded(
+        {"k": 1, "choices": 3, "choice_share": 0.4, "classified": ["category"], "classifier_share": 0.3, "pool": POOL},
+        tmp_path,
     )
-    program.save(str(tmp_path / "triager.json"))
-    loaded = CallTriager()
-    loaded.load(str(tmp_path / "triager.json"))
     assert (loaded.nearest.classified, loaded.nearest.classifier_share) == (("category",), 0.3)
     unbounded = CallTriager()
     unbounded.nearest.load_state({"k": 1, "pool": POOL})
