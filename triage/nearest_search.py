@@ -135,10 +135,11 @@ def choose_priority_bound(
     for i, example in enumerate(labelled):
         others = labelled[:i] + labelled[i + 1 :]
         index = SimilarCalls([other.transcript for other in others])
-        found = index.most_similar(example.transcript, n)
+        vector = index.vector(example.transcript)  # one transform serves both lookups
+        found = index.most_similar_to(vector, n)
         evidence["neighbours"].append(label_totals([(others[j].priority, similarity) for j, similarity in found]))
         classifier = SecondOpinion.on_index(index, [other.priority for other in others])
-        evidence["classifier"].append(classifier.probabilities(example.transcript) if classifier else {})
+        evidence["classifier"].append(classifier.probabilities_of(vector) if classifier else {})
     if not all(evidence["classifier"]):
         del evidence["classifier"]  # too few labels somewhere to fit one
     pairs = sorted({(share, urgent) for share in shares for urgent in (*urgent_shares, share) if urgent <= share})
