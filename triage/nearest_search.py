@@ -38,6 +38,7 @@ class NearestChoice:
     choice_share: float = 0.0
     classified: tuple[str, ...] = ()  # labels bounded by the pool's classifier instead of the neighbours
     urgent_share: float | None = None  # None: the same as choice_share
+    embedded: tuple[str, ...] = ()  # labels whose classifier also reads sentence embeddings
 
     def describe(self) -> str:
         shares = [f"share >= {self.choice_share:g}"] if self.choice_share else []
@@ -46,6 +47,8 @@ class NearestChoice:
         bound = f", choices={self.choices}" + (f" ({', '.join(shares)})" if shares else "")
         if self.classified:
             bound += f", {'/'.join(self.classified)} by the classifier"
+        if self.embedded:
+            bound += f" ({'/'.join(self.embedded)} with sentence embeddings)"
         return f"k={self.k}" + (bound if self.choices else "")
 
 
@@ -63,6 +66,7 @@ def nearest_program(
         "classified": chosen.classified,
         "classifier_share": chosen.choice_share,
         "urgent_share": chosen.urgent_share,
+        "embedded": chosen.embedded,
     }
     program.nearest.load_state({**state, "pool": nearest_pool(examples, target.demo)})
     return program
@@ -166,32 +170,38 @@ def choose_priority_bound(
 
 def choose_classified(
     trainset: list[dspy.Example], evalset: list[dspy.Example], n: int, share: float, labels: tuple[str, ...]
-) -> tuple[str, ...]:
-    """Of `labels`, those whose likeliest value is right more often on eval (train as the pool) by
-    the classifier on the pool than by the similarity of the `n` nearest calls: those are bounded
-    by the classifier. Offline, for a model that takes the likeliest label left. (Not priority:
-    its bound is chosen for a model that takes the most urgent label left, `choose_priority_bound`.)
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Of `labels`, those bounded by the pool classifier rather than by the similarity of the `n`
+    nearest calls, and those whose classifier also reads sentence embeddings: whichever of the three
+    gets the likeliest value right most often on eval (train as the pool; ties: the simpler). Offline,
+    for a model that takes the likeliest label left. (Not priority: its bound is chosen for a model
+    that takes the most urgent label left, `choose_priority_bound`.)
     """
     pool = [{"transcript": e.transcript, "priority": e.priority, "category": e.category} for e in trainset]
-    by_neighbours = NearestDemos(pool, k=1, choices=n, choice_share=share)
-    by_classifier = NearestDemos(pool, k=1, choices=n, choice_share=share, classified=labels, classifier_share=share)
-    kept = []
+    bound = {"choices": n, "choice_share": share, "classifier_share": share}
+    probes = {
+        "nearest calls": NearestDemos(pool, k=1, **bound),
+        "classifier": NearestDemos(pool, k=1, classified=labels, **bound),
+        "classifier with embeddings": NearestDemos(pool, k=1, classified=labels, embedded=labels, **bound),
+    }
+    classified, embedded = [], []
     for label in labels:
-        right = {"neighbours": 0, "classifier": 0}
+        right = dict.fromkeys(probes, 0)
         for example in evalset:
-            for name, probe in (("neighbours", by_neighbours), ("classifier", by_classifier)):
+            for name, probe in probes.items():
                 likeliest = probe.neighbourhood(example.transcript).choices.get(label, ("",))[0]
                 right[name] += likeliest == example[label]
         logger.info(
-            "      %s, likeliest label on eval: %d nearest calls %s, classifier %s",
+            "      %s, likeliest label on eval: %s",
             label,
-            n,
-            percent(right["neighbours"] / len(evalset)),
-            percent(right["classifier"] / len(evalset)),
+            ", ".join(f"{name} {percent(count / len(evalset))}" for name, count in right.items()),
         )
-        if right["classifier"] > right["neighbours"]:
-            kept.append(label)
-    return tuple(kept)
+        winner = max(right, key=right.__getitem__)  # the first of equals: the simpler
+        if winner != "nearest calls":
+            classified.append(label)
+        if winner == "classifier with embeddings":
+            embedded.append(label)
+    return tuple(classified), tuple(embedded)
 
 
 def _bound_note(bound: PriorityBound, figures: dict[PriorityBound, BoundFigures], n: int, calls: int) -> str:
@@ -260,11 +270,11 @@ def choose_nearest(
             labelled, n, options.choice_share_candidates, options.urgent_share_candidates
         )
         notes.append(f"{target.name}: {_bound_note(bound, figures, n, len(labelled))}")
-        classified = choose_classified(trainset, evalset, n, bound.share, ("category",))
+        classified, embedded = choose_classified(trainset, evalset, n, bound.share, ("category",))
         if bound.source == "classifier":
             classified = ("priority", *classified)
         for k in ks:
-            score(NearestChoice(k, n, bound.share, classified, bound.urgent_share))
+            score(NearestChoice(k, n, bound.share, classified, bound.urgent_share, embedded))
     if scores:  # the bound is kept only if the model scores better with it than without, at its best k
         score(NearestChoice(best(list(scores)).k))
     else:
