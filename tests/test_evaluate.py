@@ -144,6 +144,7 @@ def test_the_report_is_written_as_markdown_and_json(provider, labeled_file, tmp_
         "review": None,
         "second_opinion": None,  # default prompts: no labelled pool, no second opinion
         "neighbours": None,  # and no neighbours
+        "second_reader": None,  # nor a second reader
     }
     # The fake provider's locations ("NNNN Fake Street #crc") are in no transcript: a-d are flagged.
     location = data["calls"][0]["extract_details"]["location"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -13,7 +14,7 @@ from triage.demos import nearest_pool, triage_demo
 from triage.evaluation import load_labeled
 from triage.lm import ChatAdapter, LMSetup
 from triage.programs import CallTriager
-from triage.review import choice_reasons, cue_reasons, join_reasons, priority_reasons, urgent_first
+from triage.review import choice_reasons, cue_reasons, join_reasons, priority_reasons, reader_reasons, urgent_first
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
 from triage.stages import ExtractDetailsStage, ProgramSource, StageConfig, TriageStage
@@ -50,29 +51,43 @@ def test_priority_reasons_put_possible_under_triage_first_and_never_fire_on_agre
 def test_a_priority_most_of_its_nearest_labelled_calls_do_not_back_is_flagged():
     agreeing = {"urgent": 0.5, "non_urgent": 0.3, "not_an_emergency": 0.2}
     split = {"urgent": 0.3, "non_urgent": 0.7}
-    assert priority_reasons("urgent", agreeing, split) == [
-        "priority weakly backed: 30% of the nearest labelled calls say urgent"
-    ]
-    assert priority_reasons("urgent", agreeing, {"urgent": 0.55, "non_urgent": 0.45}) == []  # enough
-    assert priority_reasons("urgent", agreeing, {"urgent": 0.45, "non_urgent": 0.55}, min_support=0.4) == []
-    assert priority_reasons("urgent", {}, split) == [
-        "priority weakly backed: 30% of the nearest labelled calls say urgent"
-    ]
+    assert priority_reasons("urgent", agreeing, split, min_support=0) == []  # 0: the rule is off
+    backed = functools.partial(priority_reasons, min_support=0.5)
+    assert backed("urgent", agreeing, split) == ["priority weakly backed: 30% of the nearest labelled calls say urgent"]
+    assert backed("urgent", agreeing, {"urgent": 0.55, "non_urgent": 0.45}) == []  # enough
+    assert backed("urgent", agreeing, {"urgent": 0.45, "non_urgent": 0.55}, min_support=0.4) == []
+    assert backed("urgent", {}, split) == ["priority weakly backed: 30% of the nearest labelled calls say urgent"]
     # The neighbours say more urgent than the answer: possible under-triage, first, whatever the classifier says.
     calm = {"urgent": 0.1, "non_urgent": 0.3, "not_an_emergency": 0.6}
-    assert priority_reasons("non_urgent", calm, {"urgent": 0.7, "non_urgent": 0.3}) == [
+    assert backed("non_urgent", calm, {"urgent": 0.7, "non_urgent": 0.3}) == [
         "possible under-triage: the nearest labelled calls say urgent (70%), answer non_urgent",
         "priority disagrees: similar labelled calls say not_an_emergency (60%), answer non_urgent",
     ]
     # One reason of a kind: the classifier's under-triage (or disagreement) already says it.
     leaning_urgent = {"urgent": 0.45, "non_urgent": 0.35, "not_an_emergency": 0.20}
-    assert priority_reasons("non_urgent", leaning_urgent, {"urgent": 0.7, "non_urgent": 0.3}) == [
+    assert backed("non_urgent", leaning_urgent, {"urgent": 0.7, "non_urgent": 0.3}) == [
         "possible under-triage: similar labelled calls say urgent (45%), answer non_urgent"
     ]
     leaning_calm = {"urgent": 0.20, "non_urgent": 0.50, "not_an_emergency": 0.30}
-    assert priority_reasons("urgent", leaning_calm, split) == [
+    assert backed("urgent", leaning_calm, split) == [
         "priority disagrees: similar labelled calls say non_urgent (50%), answer urgent"
     ]
+
+
+def test_a_second_reader_that_answers_otherwise_with_enough_confidence_is_a_reason():
+    sure_urgent = {"urgent": 0.6, "non_urgent": 0.3, "not_an_emergency": 0.1}
+    assert reader_reasons("non_urgent", sure_urgent, min_p=0.45) == [
+        "possible under-triage: a second reader (sentence embeddings) says urgent (60%), answer non_urgent"
+    ]
+    assert reader_reasons("not_an_emergency", {"urgent": 0.2, "non_urgent": 0.5, "not_an_emergency": 0.3}) == [
+        "possible under-triage: a second reader (sentence embeddings) says non_urgent (50%), answer not_an_emergency"
+    ]
+    assert reader_reasons("urgent", {"urgent": 0.3, "non_urgent": 0.2, "not_an_emergency": 0.5}, min_p=0.45) == [
+        "priority disagrees: a second reader (sentence embeddings) says not_an_emergency (50%), answer urgent"
+    ]
+    assert reader_reasons("non_urgent", sure_urgent, min_p=0.65) == []  # not sure enough
+    assert reader_reasons("urgent", sure_urgent) == []  # agreement
+    assert reader_reasons("urgent", {}) == []  # no reader (a program without sentence embeddings)
 
 
 def test_the_callers_words_flag_a_priority_they_contradict():

@@ -52,9 +52,10 @@ def test_tune_review_counts_the_callers_words_from_the_reports_transcripts(tmp_p
         "neighbours": {"urgent": 1.0},
     }
     report = {"data_file": str(data), "calls": [call]}
-    with_words = tune_review.with_transcripts(tune_review.calls_of(report), report)
-    assert tune_review.score(with_words, 0.7, 0.0, 0.5) == (1, 1, 1, 0, 0)  # flagged: "possible over-triage"
-    assert tune_review.score(tune_review.calls_of(report), 0.7, 0.0, 0.5) == (0, 1, 0, 0, 0)  # the labelled data agrees
+    with_words = tune_review.with_fixed_reasons(tune_review.with_transcripts(tune_review.calls_of(report), report))
+    assert tune_review.score(with_words, 0.7, 0.0, 0.5, 1.01) == (1, 1, 1, 0, 0)  # flagged: "possible over-triage"
+    without_words = tune_review.with_fixed_reasons(tune_review.calls_of(report))
+    assert tune_review.score(without_words, 0.7, 0.0, 0.5, 1.01) == (0, 1, 0, 0, 0)  # the labelled data agrees
 
 
 def test_tune_review_keeps_the_recorded_urgent_choice_and_recomputes_the_other_priority_reasons():
@@ -70,5 +71,13 @@ def test_tune_review_keeps_the_recorded_urgent_choice_and_recomputes_the_other_p
         "second_opinion": {"urgent": 0.1, "non_urgent": 0.9},  # what the thresholds read now: no doubt
         "neighbours": {"non_urgent": 1.0},
     }
-    assert tune_review.score([call | {"review": "; ".join(recorded)}], 0.7, 0.0, 0.5) == (1, 1, 1, 1, 1)
-    assert tune_review.score([call | {"review": recorded[1]}], 0.7, 0.0, 0.5) == (0, 1, 0, 1, 0)  # recomputed
+
+    def scored(call: dict, reader_p: float = 1.01) -> tuple[int, ...]:
+        return tune_review.score(tune_review.with_fixed_reasons([call]), 0.7, 0.0, 0.5, reader_p)
+
+    assert scored(call | {"review": "; ".join(recorded)}) == (1, 1, 1, 1, 1)
+    assert scored(call | {"review": recorded[1]}) == (0, 1, 0, 1, 0)  # recomputed
+    # The second reader's reason is recomputed from its recorded probabilities, at the threshold tried.
+    reader = {"second_reader": {"urgent": 0.5, "non_urgent": 0.3, "not_an_emergency": 0.2}}
+    assert scored(call | reader, reader_p=0.45) == (1, 1, 1, 1, 1)
+    assert scored(call | reader, reader_p=0.55) == (0, 1, 0, 1, 0)

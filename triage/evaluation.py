@@ -409,6 +409,7 @@ def evaluate_programs(
                 "review": reviews[i],
                 "second_opinion": triaged.opinions[i].get("second_opinion") or None,
                 "neighbours": triaged.opinions[i].get("neighbours") or None,
+                "second_reader": triaged.opinions[i].get("second_reader") or None,
             }
             for i, example in enumerate(examples)
         ],

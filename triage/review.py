@@ -11,17 +11,22 @@ Each stage adds its reasons to the row's `review` column (null when there are no
    `triage.retrieval.SecondOpinion`) would answer a more urgent level than the LM, or gives
    the levels more urgent than the LM's answer at least `UNDER_TRIAGE_P` together; or most
    of the `NEIGHBOURS` most similar labelled calls (by similarity) say a more urgent level.
+   "possible under-triage: a second reader (sentence embeddings) says ..." a classifier on the
+   labelled calls' sentence embeddings alone (`NearestDemos.reader_probabilities`, for a program
+   that reads them) gives a more urgent level at least `READER_P`.
 2. "possible over-triage: the caller says ..." an urgent answer to a call whose caller says
    nobody is hurt or in danger, or that it is over ("last night", "long gone"), or any answer
    but not_an_emergency to a caller who calls off an earlier call ("you can cancel that"), when
    the caller describes no danger (`triage.cues`: words, not labelled data, so it catches errors
    the next two share with the model).
    "priority disagrees: ..." the second opinion would answer a less urgent level (with at
-   least `DISAGREE_P` confidence; 0: whenever it would).
+   least `DISAGREE_P` confidence; 0: whenever it would), or the second reader would with at
+   least `READER_P`. The reader errs elsewhere than TF-IDF (it reads meaning, not words), so it
+   doubts answers the classifier-bounded program and its second opinion agree on.
 3. "priority weakly backed: ..." less than `MIN_SUPPORT` of the similarity of the `NEIGHBOURS`
    most similar labelled calls is on calls with the LM's priority. The classifier and the
    LM's bounded answer share many errors (both read the same labelled calls); the neighbours'
-   split shows where the labelled data itself is divided.
+   split shows where the labelled data itself is divided. (`MIN_SUPPORT` 0 turns it off.)
 4. "priority X is outside the labelled calls' choices (...)" (or category): the program bounded
    the labels for this call (`NearestDemos` choices) and the model answered another valid one.
    The embedded model cannot (its grammar holds it to the bound); a hosted one can, and its
@@ -50,7 +55,8 @@ from triage.programs import PRIORITIES
 UNDER_TRIAGE_P = 0.7
 DISAGREE_P = 0.0
 NEIGHBOURS = 7
-MIN_SUPPORT = 0.55
+MIN_SUPPORT = 0.0
+READER_P = 0.45
 _FIELD_NAMES = {"location": "location", "subject_description": "subject"}
 
 
@@ -102,6 +108,22 @@ def cue_reasons(priority: str, transcript: str) -> list[str]:
     if priority == "urgent" and not calming:
         calming = calm_phrases(transcript)
     return [f"{OVER_TRIAGE}: the caller says {_quoted(calming)}, answer {priority}"] if calming else []
+
+
+def reader_reasons(priority: str, reader: dict[str, float], *, min_p: float = READER_P) -> list[str]:
+    """A reason when the second reader (a classifier on sentence embeddings alone) would answer
+    another priority with at least `min_p` confidence: possible under-triage if more urgent."""
+    if priority not in PRIORITIES or not reader:
+        return []
+    said = max(reader, key=reader.__getitem__)
+    if said == priority or reader[said] < min_p:
+        return []
+    kind = UNDER_TRIAGE if PRIORITIES.index(said) < PRIORITIES.index(priority) else SECOND_READER_DISAGREES
+    return [f"{kind}: {READER_SAYS} {said} ({reader[said]:.0%}), answer {priority}"]
+
+
+SECOND_READER_DISAGREES = "priority disagrees"
+READER_SAYS = "a second reader (sentence embeddings) says"
 
 
 def urgent_first(reasons: Sequence[str]) -> list[str]:

@@ -51,6 +51,7 @@ from triage.review import (
     grounding_reasons,
     join_reasons,
     priority_reasons,
+    reader_reasons,
     urgent_first,
 )
 from triage.schema import WORKING_SCHEMA
@@ -359,15 +360,19 @@ class TriageStage(Stage):
         super().__init__(config, **kwargs)
         # A classifier on the program's labelled demo pool (absent without one): fitted once per actor.
         self.second_opinion = self.program.nearest.classifier("priority") if self.program.nearest.pool else None
+        for label in self.program.nearest.embedded if self.second_opinion else ():
+            self.program.nearest.classifier(label)  # the sentence embedder loads here, not on the first call
 
     def evidence(self, transcript: str) -> dict[str, dict[str, float]]:
-        """What the labelled calls say of this call's priority: the classifier's probabilities and
-        the shares of its `NEIGHBOURS` most similar calls ({} each without a labelled pool)."""
+        """What the labelled calls say of this call's priority: the classifier's probabilities, the
+        shares of its `NEIGHBOURS` most similar calls and the second reader's probabilities (sentence
+        embeddings; {} each without a labelled pool, the last also for a program that reads none)."""
         if self.second_opinion is None:
-            return {"second_opinion": {}, "neighbours": {}}
+            return {"second_opinion": {}, "neighbours": {}, "second_reader": {}}
         return {
             "second_opinion": self.program.nearest.probabilities(transcript, "priority"),
             "neighbours": self.program.nearest.shares(transcript, "priority", NEIGHBOURS),
+            "second_reader": self.program.nearest.reader_probabilities(transcript, "priority"),
         }
 
     def review(self, transcript: str, answer: Answer) -> list[str]:
@@ -378,6 +383,7 @@ class TriageStage(Stage):
             choice_reasons(priority, choices)
             + cue_reasons(priority, transcript)
             + priority_reasons(priority, evidence["second_opinion"], evidence["neighbours"])
+            + reader_reasons(priority, evidence["second_reader"])
         )
         reasons += bound_reasons(answer.values, choices)
         return reasons + super().review(transcript, answer)
