@@ -52,11 +52,11 @@ from triage.cues import calm_phrases, cancelling_phrases, danger_phrases
 from triage.grounding import ungrounded_fields
 from triage.programs import PRIORITIES
 
-UNDER_TRIAGE_P = 0.7
+UNDER_TRIAGE_P = 0.6
 DISAGREE_P = 0.0
 NEIGHBOURS = 7
 MIN_SUPPORT = 0.0
-READER_P = 0.45
+READER_P = 0.6
 _FIELD_NAMES = {"location": "location", "subject_description": "subject"}
 
 
