@@ -39,9 +39,10 @@ The thresholds were chosen on every train + dev call answered out of fold (`scri
 then `scripts/tune_review.py` on its report) and checked on dev (`optimized/report.json`): the
 fewest calls flagged while catching every under-triaged call and 70% of the wrong priorities on
 both. With the committed programs (priority bounded by the classifier, so the second opinion
-agrees with the answer and the neighbours and the caller's words do the doubting): out of fold
-23.8% flagged, catching 22 of 28 wrong priorities and 3 of 3 under-triaged calls; dev 17.8%, 6 of
-7 (no under-triaged call). What was tried, and the figures on test: docs/quality.md.
+agrees with the answer; the second reader and the caller's words do the doubting, and the
+neighbours' rule is off): out of fold 17.2% flagged, catching 21 of 28 wrong priorities and 3 of
+3 under-triaged calls; dev 17.8%, 5 of 7 (no under-triaged call). What was tried, and the figures
+on test: docs/quality.md.
 """
 
 from __future__ import annotations
