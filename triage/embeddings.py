@@ -7,9 +7,10 @@ TF-IDF plus these embeddings gets the category right 82.9% of the time against T
 alone, the embeddings judge priority worse than TF-IDF (76.7% against 91.0%) but err elsewhere,
 which is what a second reader in the review queue needs (`scripts/compare_readers.py`).
 
-One model per process (~90 MB, loaded on first use in ~1 s with torch's import); encoding is
-~15 ms a transcript on this 2-core CPU. Transcripts longer than the model's 256 word pieces are
-read up to there.
+One model per process (~90 MB of weights; torch's import and the load take a few seconds, on
+first use). Encoding takes ~20 ms a transcript on this 2-core CPU (~35 ms of CPU, whether one at a
+time or in batches): on a hosted model's run, that is what binds first (docs/performance.md).
+Transcripts longer than the model's 256 word pieces are read up to there.
 """
 
 from __future__ import annotations
