@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 READINGS = (("TF-IDF", 1.0), ("embeddings", 1.0), ("embeddings", 10.0), ("TF-IDF + embeddings", 1.0))
 
 
-def features(reading: str, texts: np.ndarray, meaning: np.ndarray, train: np.ndarray, test: np.ndarray):
+def features(reading: str, texts: np.ndarray, meaning: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple:
     """The (train, test) feature matrices of one reading, the vectorizer fitted on the train rows only."""
     if reading == "embeddings":
         return meaning[train], meaning[test]

@@ -87,7 +87,12 @@ class SecondOpinion:
         self._fit(vectorizer.fit_transform(transcripts), None, labels, vectorizer)
 
     def _fit(
-        self, words: Any, meaning: np.ndarray | None, labels: Sequence[str], vectorizer: TfidfVectorizer | None, c=1.0
+        self,
+        words: Any,
+        meaning: np.ndarray | None,
+        labels: Sequence[str],
+        vectorizer: TfidfVectorizer | None,
+        c: float = 1.0,
     ) -> None:
         if len(set(labels)) < 2:
             raise ValueError("SecondOpinion needs at least two different labels")
