@@ -119,11 +119,11 @@ def reader_reasons(priority: str, reader: dict[str, float], *, min_p: float = RE
     said = max(reader, key=reader.__getitem__)
     if said == priority or reader[said] < min_p:
         return []
-    kind = UNDER_TRIAGE if PRIORITIES.index(said) < PRIORITIES.index(priority) else SECOND_READER_DISAGREES
+    kind = UNDER_TRIAGE if PRIORITIES.index(said) < PRIORITIES.index(priority) else PRIORITY_DISAGREES
     return [f"{kind}: {READER_SAYS} {said} ({reader[said]:.0%}), answer {priority}"]
 
 
-SECOND_READER_DISAGREES = "priority disagrees"
+PRIORITY_DISAGREES = "priority disagrees"  # the classifier or the second reader says a calmer level
 READER_SAYS = "a second reader (sentence embeddings) says"
 
 
@@ -151,7 +151,7 @@ def _classifier_reasons(
         said = more_urgent[0] if len(more_urgent) == 1 else "more urgent"
         return [f"{UNDER_TRIAGE}: similar labelled calls say {said} ({p_higher:.0%}), answer {priority}"]
     if best != priority and opinion[best] >= disagree_p:
-        return [f"priority disagrees: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
+        return [f"{PRIORITY_DISAGREES}: similar labelled calls say {best} ({opinion[best]:.0%}), answer {priority}"]
     return []
 
 
