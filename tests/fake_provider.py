@@ -96,19 +96,20 @@ def transcript_key(transcript: str) -> str:
 def expected_answer(transcript: str) -> dict[str, str]:
     """The answer the provider gives for ``transcript``: a pure, deterministic function of its CRC-32.
 
-    Every value mentions the CRC, so answers for two different rows never coincide. The summary quotes the
-    first 30 characters with whitespace collapsed, keeping every value on one line (the ChatAdapter format
-    is line-based).
+    Every value but the summary mentions the CRC, so answers for two different rows never coincide. The
+    summary quotes the first five words with whitespace collapsed, keeping every value on one line (the
+    ChatAdapter format is line-based), and names nothing the call does not (a well-behaved model's summary
+    is not flagged by the review queue).
     """
     crc = transcript_crc(transcript)
     priority = PRIORITIES[crc % len(PRIORITIES)]
     category = CATEGORIES[(crc // len(PRIORITIES)) % len(CATEGORIES)]
-    snippet = " ".join(transcript[:30].split())
+    snippet = " ".join(transcript.split()[:5])
     return {
         "reasoning": f"Call {crc} reads as {category}, {priority}.",
         "priority": priority,
         "category": category,
-        "summary": f'Caller {crc} reported: "{snippet}".',
+        "summary": f'Caller reported: "{snippet}".',
         "location": f"{crc % 9000 + 100} Fake Street #{crc}",
         "subject_description": f"subject-{crc}",
     }

@@ -158,10 +158,13 @@ def test_the_report_is_written_as_markdown_and_json(provider, labeled_file, tmp_
         "under_triaged_flagged": 2,
         "ungrounded_locations": 4,
         "ungrounded_locations_flagged": 4,
+        "ungrounded_summaries": 0,  # the fake provider's summaries quote the call
+        "ungrounded_summaries_flagged": 0,
         "rate": None,
     }
     assert "| review queue (calls flagged) | 80.0% (4/5) |" in markdown
     assert "| locations not in the transcript (flagged) | 4 (4) |" in markdown
+    assert "| summaries naming what the transcript does not (flagged) | 0 (0) |" in markdown
     # No labelled pool in the default programs: the report says the baselines are missing.
     assert "(no labelled pool in the programs: baselines not computed)" in markdown
     assert data["calls"][0]["triage"]["priority"] == "urgent"

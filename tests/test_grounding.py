@@ -10,8 +10,11 @@ import pytest
 
 from triage.grounding import (
     LOCATION_MIN_SHARE,
+    MAX_SUMMARY_WORDS,
+    SPAN_MAX_WORDS,
     SPAN_OF,
     SUBJECT_MIN_SHARE,
+    foreign_facts,
     is_grounded,
     span_grammar,
     split_span_properties,
@@ -21,7 +24,7 @@ from triage.grounding import (
 from triage.lm import GrammarJSONAdapter
 from triage.local import make_local_lm
 from triage.local.grammar import schema_to_grammar
-from triage.programs import ExtractDetails
+from triage.programs import CallTriager, ExtractDetails
 
 TRANSCRIPT = (
     'Caller: There\'s smoke at 48 Sparrow Hill Lane, the "blue house"!\n'
@@ -80,17 +83,41 @@ def test_span_grammar_has_one_start_per_word_and_keeps_the_texts_separators():
 def test_span_properties_become_span_rules_in_the_schemas_grammar():
     schema = {
         "type": "object",
-        "properties": {"reasoning": {"type": "string"}, "location": {"type": "string", SPAN_OF: "at 5 Elm St"}},
-        "required": ["reasoning", "location"],
+        "properties": {
+            "reasoning": {"type": "string"},
+            "location": {"type": "string", SPAN_OF: "at 5 Elm St"},
+            "summary": {"type": "string", SPAN_OF: "a b c d", SPAN_MAX_WORDS: 2},
+        },
+        "required": ["reasoning", "location", "summary"],
         "additionalProperties": False,
     }
     rewritten, spans = split_span_properties(schema)
     assert rewritten["properties"]["location"] == {"const": "span-placeholder-1"}
-    assert spans == {"span-placeholder-1": "at 5 Elm St"}
+    assert spans == {"span-placeholder-1": ("at 5 Elm St", 12), "span-placeholder-2": ("a b c d", 2)}
     grammar = with_span_rules(schema_to_grammar(rewritten), spans)
     assert "location ::= span0" in grammar.splitlines()
+    assert "summary ::= span1" in grammar.splitlines()
+    assert 'span1-w0-2 ::= "a" ( " " span1-w1-1 )?' in grammar.splitlines()  # at most 2 words
+    assert "span1-w0-3" not in grammar
     assert "span-placeholder" not in grammar
     assert split_span_properties({"type": "string"}) == ({"type": "string"}, {})
+
+
+@pytest.mark.parametrize(
+    ("summary", "facts"),
+    [
+        ("Smoke at 48 Sparrow Hill Lane, dad inside with a walker.", []),
+        ("smoke at the blue house. Dad, 80, inside", []),  # sentence starts and said numbers pass
+        ("A fire with no one described.", []),  # the first word of a sentence is no name
+        ("Smoke at 12 Abbott Road (the caller's dad, 80).", ["12", "Abbott", "Road"]),  # a demo's address
+        ("Dad, 81, and Brenda Collier inside", ["81", "Brenda", "Collier"]),
+        ("Kids: 12, 14, 16, 14", ["12", "14", "16"]),  # each once
+        ("", []),
+        (None, []),
+    ],
+)
+def test_foreign_facts_are_the_numbers_and_names_the_call_does_not_have(summary, facts):
+    assert foreign_facts(summary, TRANSCRIPT) == facts
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +150,25 @@ def test_the_embedded_model_cannot_copy_a_demos_address(local_lm):
                 allowed = span_regex(transcript, 12)
                 assert raw[name] in allowed, (name, raw[name])
                 assert answer[name] == raw[name]
+
+
+@pytest.mark.slow
+def test_the_embedded_models_summary_is_a_span_of_the_call(local_lm):
+    """A triage demo whose summary names a place and a person not in the call: the model's summary
+    is still a span of the call (at most MAX_SUMMARY_WORDS words), so it cannot carry them over."""
+    triager = CallTriager()
+    demo = dspy.Example(
+        transcript="Caller: Fire at the factory on Canal Street! Two workers are inside.",
+        reasoning="Category: fire.",
+        priority="urgent",
+        category="fire",
+        summary="Brenda Collier and two workers trapped at the factory on Canal Street, 1450",
+    )
+    transcripts = [TRANSCRIPT, "Caller: Someone broke into my car last night on Route 9, near the diner. Nothing else."]
+    with dspy.context(lm=local_lm, adapter=GrammarJSONAdapter()):
+        for transcript in transcripts:
+            answer = triager.triage(transcript=transcript, demos=[demo])
+            raw = json.loads(local_lm.engine.runtime.last_generation.text)
+            assert raw["summary"] in span_regex(transcript, MAX_SUMMARY_WORDS), raw["summary"]
+            assert answer.summary == raw["summary"]
+            assert foreign_facts(answer.summary, transcript) == []

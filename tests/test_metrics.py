@@ -14,6 +14,7 @@ from triage.metrics import (
     normalize_text,
     percent,
     score_calls,
+    score_review,
     text_match,
     triage_feedback,
     triage_metric,
@@ -153,3 +154,34 @@ def test_percent():
     assert percent(None) == "n/a"
     assert percent(1 / 3) == "33.3%"
     assert percent(1.0) == "100.0%"
+
+
+def test_score_review_counts_what_the_queue_catches_and_answers_not_in_the_call():
+    transcript = "Caller: Smoke at 48 Elm Street, my dad is inside."
+    calls = [  # (gold, triage, details, review)
+        (
+            gold("urgent"),
+            {"priority": "non_urgent", "summary": "Smoke at 48 Elm Street."},
+            {"location": "48 Elm Street"},
+            "x",
+        ),
+        (
+            gold("non_urgent"),
+            {"priority": "urgent", "summary": "Smoke at 12 Abbott Road."},
+            {"location": "1 Canal St"},
+            None,
+        ),
+        (gold("urgent"), {"priority": "urgent", "summary": "Dad inside, Brenda too."}, None, "y"),
+        (gold("urgent"), None, None, None),  # a failed prediction: no answer to score
+    ]
+    scores = score_review(
+        [c[0] for c in calls],
+        [transcript] * len(calls),
+        [c[1] for c in calls],
+        [c[2] for c in calls],
+        [c[3] for c in calls],
+    )
+    assert (scores.n, scores.flagged, scores.wrong_priority, scores.wrong_priority_flagged) == (4, 2, 2, 1)
+    assert (scores.under_triaged, scores.under_triaged_flagged) == (1, 1)
+    assert (scores.ungrounded_locations, scores.ungrounded_locations_flagged) == (1, 0)
+    assert (scores.ungrounded_summaries, scores.ungrounded_summaries_flagged) == (2, 1)  # "12 Abbott Road", "Brenda"

@@ -20,9 +20,10 @@ import triage.nearest_search
 import triage.optimize
 from tests.fake_provider import FakeProvider, expected_answer, format_content, parse_request
 from triage.cli import main
-from triage.demos import details_demo, is_urgent, select_covering, triage_demo, triage_features
+from triage.demos import caller_summary, details_demo, is_urgent, select_covering, triage_demo, triage_features
 from triage.errors import TriageError
 from triage.evaluation import ModuleRun, load_labeled
+from triage.grounding import MAX_SUMMARY_WORDS
 from triage.nearest_search import MIN_URGENT_RECALL, NearestChoice, choose_nearest, choose_priority_bound
 from triage.optimize import OptimizeOptions, OptimizerUnavailable, check_optimizer_available, optimize
 from triage.programs import CATEGORIES, PRIORITIES, CallTriager, DetailExtractor
@@ -247,14 +248,14 @@ def test_select_covering_shows_every_label_evenly_with_an_urgent_demo_last():
 
 def test_labeled_demos_are_complete_and_built_from_the_gold_labels():
     example = dspy.Example(
-        transcript="t",
+        transcript="Dispatcher: 911? Caller: Hi, yeah, my family is on the roof, the water is rising fast!",
         priority="urgent",
         category="fire",
         location="12 Elm St",
         subject_description="family of four on the roof",
     ).with_inputs("transcript")
     demo = triage_demo(example)
-    assert demo.summary == "Family of four on the roof (12 Elm St)."
+    assert demo.summary == "my family is on the roof, the water is rising fast"  # the caller's words
     assert demo.reasoning == "The call is about family of four on the roof; category fire."
     assert (demo.priority, demo.category) == ("urgent", "fire")
     details = details_demo(example)
@@ -263,8 +264,43 @@ def test_labeled_demos_are_complete_and_built_from_the_gold_labels():
     empty = dspy.Example(
         transcript="t", priority="not_an_emergency", category="other", location="", subject_description=""
     )
-    assert triage_demo(empty).summary == "A matter with no one at risk."
+    assert triage_demo(empty).summary == "t"
     assert triage_demo(empty).reasoning == "The call is about a matter with no one at risk; category other."
+
+
+@pytest.mark.parametrize(
+    ("transcript", "summary"),
+    [
+        # the first turn not by the dispatcher, without its greeting
+        (
+            "Dispatcher: 911, what's your emergency? Caller: Hi. My kitchen is on fire, it's spreading!",
+            "My kitchen is on fire, it's spreading",
+        ),
+        # a turn too short to say anything is passed over
+        (
+            "Caller: Hello? Dispatcher: 911. Caller: There's a man with a knife outside my door. Hurry.",
+            "There's a man with a knife outside my door. Hurry",
+        ),
+        # a long turn: cut at the last sentence end within MAX_SUMMARY_WORDS words
+        (
+            "Caller: My neighbour's dog has been barking since six this morning without a break. "
+            "Nobody is home over there and I work nights, so I really need some sleep before my shift starts.",
+            "My neighbour's dog has been barking since six this morning without a break",
+        ),
+        # ... or at a later comma when the only sentence end is early
+        (
+            "Caller: I'm sorry. I'm at my house, 14 Ridgeline Drive, my ex-husband just left but he said he "
+            "was coming back to burn the house down with me in it",
+            "I'm sorry. I'm at my house, 14 Ridgeline Drive",
+        ),
+        ("no speakers here at all", "no speakers here at all"),
+        ("Dispatcher: 911? Dispatcher: Hello?", "Dispatcher: 911? Dispatcher: Hello"),  # nobody else: the transcript
+    ],
+)
+def test_caller_summary_is_the_callers_opening_words_as_a_span(transcript, summary):
+    assert caller_summary(transcript) == summary
+    assert summary in transcript  # a span, as the embedded model's grammar allows
+    assert len(re.findall(r"\w+", summary)) <= MAX_SUMMARY_WORDS
 
 
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna is installed")

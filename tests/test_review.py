@@ -209,6 +209,19 @@ def test_details_stage_flags_a_location_that_is_not_in_the_transcript():
     assert rows[1]["review"] is None
 
 
+def test_triage_stage_flags_a_summary_naming_what_the_call_does_not():
+    def script(request):
+        copied = "on fire" in transcript_of(request)
+        summary = "Fire at 12 Abbott Road, Brenda Collier inside." if copied else "Asks whether Route 50 is closed."
+        return fields_for("triage", summary=summary)
+
+    stage, _ = stage_with(TriageStage, script)
+    rows = asyncio.run(stage(batch([FIRE, QUESTION]))).to_pylist()
+    assert rows[0]["summary"] == "Fire at 12 Abbott Road, Brenda Collier inside."  # kept as answered, and flagged
+    assert rows[0]["review"] == "summary names what the transcript does not: '12', 'Abbott', 'Road', 'Brenda'"
+    assert rows[1]["review"] is None  # "Route 50" is the caller's
+
+
 def test_a_label_outside_the_bound_is_kept_in_one_request_and_reviewed(nearest_triager_state):
     """A hosted model is not held to the bound by a grammar: its other valid label is an answer, not an error."""
     bounded = {**nearest_triager_state}

@@ -297,6 +297,10 @@ def metric_rows(report: EvaluationReport) -> list[tuple[str, str]]:
         ("wrong priorities flagged", f"{r.wrong_priority_flagged}/{r.wrong_priority}"),
         ("under-triaged calls flagged", f"{r.under_triaged_flagged}/{r.under_triaged}"),
         ("locations not in the transcript (flagged)", f"{r.ungrounded_locations} ({r.ungrounded_locations_flagged})"),
+        (
+            "summaries naming what the transcript does not (flagged)",
+            f"{r.ungrounded_summaries} ({r.ungrounded_summaries_flagged})",
+        ),
         ("failed predictions (triage / extract_details)", f"{s.triage_failed} / {s.details_failed}"),
         ("LM calls (triage / extract_details)", f"{usage['triage'].calls} / {usage['extract_details'].calls}"),
         ("tokens, prompt + completion", f"{report.total_usage.prompt_tokens} + {report.total_usage.completion_tokens}"),

@@ -5,7 +5,9 @@ A location that is not in the call sends a responder to the wrong place. Two def
 * `is_grounded` checks an answer after the fact (any model): every word of a location that
   holds a digit, and most of its other words, must be words of the transcript; a subject
   description may paraphrase more (half of its content words). Measured on the labelled
-  train+dev calls: every gold location and 92% of gold subjects pass.
+  train+dev calls: every gold location and 92% of gold subjects pass. A summary is free to
+  paraphrase, but the numbers and names in it (`foreign_facts`) must be the call's: the
+  embedded model used to write its demo's address and ages into 44% of its summaries.
 * `span_grammar` makes the embedded model's answer a span of the transcript by construction:
   a GBNF rule that can start at any word and then only continue with the words that follow
   it, with the transcript's own separators between them (or stay empty). A schema property
@@ -18,14 +20,24 @@ import json
 import re
 import unicodedata
 
-# Marks a string property of a JSON schema whose value must be a span of the given text.
+# Marks a string property of a JSON schema whose value must be a span of the given text (of at most
+# SPAN_MAX_WORDS words, if given).
 SPAN_OF = "x-span-of"
+SPAN_MAX_WORDS = "x-span-max-words"
 
 LOCATION_MIN_SHARE = 0.8
 SUBJECT_MIN_SHARE = 0.5
 # Longest span the grammar allows; the longest gold location in the labelled data has 12 words.
 MAX_SPAN_WORDS = 12
 GROUNDED_FIELDS: dict[str, float] = {"location": LOCATION_MIN_SHARE, "subject_description": SUBJECT_MIN_SHARE}
+# A summary's span: about the 100 characters a free summary had (`triage.local.grammar`); "I'm" is two words.
+MAX_SUMMARY_WORDS = 24
+# The output fields the embedded model answers with a span of the transcript, and the span's longest.
+SPAN_FIELDS: dict[str, int] = {
+    "location": MAX_SPAN_WORDS,
+    "subject_description": MAX_SPAN_WORDS,
+    "summary": MAX_SUMMARY_WORDS,
+}
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _FILLER = frozenset(
@@ -103,6 +115,25 @@ def ungrounded_fields(values: dict[str, str | None], transcript: str) -> list[st
     ]
 
 
+def foreign_facts(text: str | None, transcript: str) -> list[str]:
+    """The numbers and names in `text` that `transcript` does not have (each once, in order).
+
+    A number is a word with a digit; a name, a capitalised word other than the first of a sentence
+    (so "A fire in the kitchen" names nothing). Case and punctuation aside, as in `is_grounded`.
+    """
+    said = set(_words(transcript))
+    text = unicodedata.normalize("NFKC", text or "")
+    found: list[str] = []
+    for match in _WORD.finditer(text):
+        word = match.group()
+        before = text[: match.start()].rstrip()
+        starts_sentence = not before or before[-1] in ".!?:;"
+        is_fact = any(c.isdigit() for c in word) or (word[0].isupper() and not starts_sentence)
+        if is_fact and word.lower() not in said and word not in found:
+            found.append(word)
+    return found
+
+
 # ─── Span grammar ────────────────────────────────────────────────────────────────────────────────
 
 
@@ -139,8 +170,9 @@ def span_grammar(text: str, rule: str, max_words: int = MAX_SPAN_WORDS) -> list[
     return lines
 
 
-def split_span_properties(schema: dict) -> tuple[dict, dict[str, str]]:
-    """`schema` with each `SPAN_OF` property replaced by a placeholder constant, and placeholder -> text.
+def split_span_properties(schema: dict) -> tuple[dict, dict[str, tuple[str, int]]]:
+    """`schema` with each `SPAN_OF` property replaced by a placeholder constant, and placeholder ->
+    (text, most words: `SPAN_MAX_WORDS` or `MAX_SPAN_WORDS`).
 
     The placeholders go through the ordinary JSON-schema-to-grammar conversion; `with_span_rules`
     then swaps each one for its span rule.
@@ -148,24 +180,24 @@ def split_span_properties(schema: dict) -> tuple[dict, dict[str, str]]:
     properties = schema.get("properties")
     if not isinstance(properties, dict) or not any(isinstance(p, dict) and SPAN_OF in p for p in properties.values()):
         return schema, {}
-    spans: dict[str, str] = {}
+    spans: dict[str, tuple[str, int]] = {}
     rewritten = dict(properties)
     for index, (name, prop) in enumerate(properties.items()):
         if isinstance(prop, dict) and SPAN_OF in prop:
             placeholder = f"span-placeholder-{index}"
-            spans[placeholder] = str(prop[SPAN_OF])
+            spans[placeholder] = (str(prop[SPAN_OF]), int(prop.get(SPAN_MAX_WORDS, MAX_SPAN_WORDS)))
             rewritten[name] = {"const": placeholder}
     return {**schema, "properties": rewritten}, spans
 
 
-def with_span_rules(grammar: str, spans: dict[str, str]) -> str:
+def with_span_rules(grammar: str, spans: dict[str, tuple[str, int]]) -> str:
     """`grammar` with each placeholder constant replaced by a span rule of its text."""
     lines = [grammar]
-    for index, (placeholder, text) in enumerate(spans.items()):
+    for index, (placeholder, (text, max_words)) in enumerate(spans.items()):
         literal = f'"\\"{placeholder}\\""'
         if literal not in grammar:
             raise ValueError(f"span placeholder {placeholder} not found in the grammar")
         rule = f"span{index}"
         lines[0] = lines[0].replace(f"{literal} space", rule).replace(literal, rule)
-        lines += span_grammar(text, rule)
+        lines += span_grammar(text, rule, max_words)
     return "\n".join(lines)

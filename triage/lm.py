@@ -19,7 +19,7 @@ from typing import Any
 import dspy
 import pydantic
 
-from triage.grounding import GROUNDED_FIELDS, SPAN_OF
+from triage.grounding import SPAN_FIELDS, SPAN_MAX_WORDS, SPAN_OF
 from triage.programs import literal_choices, unbound
 from triage.settings import Settings
 
@@ -162,9 +162,10 @@ class GrammarJSONAdapter(JSONAdapter):
         values = {field.name: value for field, value in fields_with_values.items()}
         return json.dumps(values, ensure_ascii=False)
 
-    # Grounded fields: the grammar lets the model copy only a span of the transcript into them.
-    # A 135M model otherwise copies a demo's address ("the factory on Canal Street") into half
-    # of its answers; under the span rule it can be wrong, but never invent a place.
+    # Grounded fields (`SPAN_FIELDS`): the grammar lets the model copy only a span of the transcript
+    # into them. A 135M model otherwise copies a demo's address ("the factory on Canal Street") into
+    # half of its locations, and its demo's names, ages and addresses into 44% of its summaries;
+    # under the span rule it can be wrong, but never invent a place.
 
     def __call__(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any, demos: Any, inputs: dict[str, Any]) -> Any:
         token = _CALL_INPUTS.set(inputs)
@@ -186,7 +187,7 @@ class GrammarJSONAdapter(JSONAdapter):
         super()._prepare_response_format(lm, lm_kwargs, signature)
         source = (_CALL_INPUTS.get() or {}).get(SPAN_SOURCE)
         response_format = lm_kwargs.get("response_format")
-        spans = [name for name in GROUNDED_FIELDS if name in signature.output_fields]
+        spans = [name for name in SPAN_FIELDS if name in signature.output_fields]
         if not spans or not isinstance(source, str):
             return
         if not (isinstance(response_format, type) and issubclass(response_format, pydantic.BaseModel)):
@@ -198,7 +199,11 @@ class GrammarJSONAdapter(JSONAdapter):
 
         schema = copy.deepcopy(_strict_json_schema(response_format.model_json_schema()))
         for name in spans:
-            schema["properties"][name] = {**schema["properties"][name], SPAN_OF: source}
+            schema["properties"][name] = {
+                **schema["properties"][name],
+                SPAN_OF: source,
+                SPAN_MAX_WORDS: SPAN_FIELDS[name],
+            }
         lm_kwargs["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": response_format.__name__, "schema": schema, "strict": True},

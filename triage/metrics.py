@@ -249,6 +249,8 @@ class ReviewScores:
     under_triaged_flagged: int = 0
     ungrounded_locations: int = 0
     ungrounded_locations_flagged: int = 0
+    ungrounded_summaries: int = 0  # summaries with a number or name the transcript does not have
+    ungrounded_summaries_flagged: int = 0
 
     @property
     def rate(self) -> float | None:
@@ -269,9 +271,10 @@ def score_review(
 
     A wrong priority is a valid priority that differs from the gold one (a failed prediction is an
     error, reported apart); an under-triaged call is one predicted less urgent than it is. An
-    ungrounded location is a non-empty predicted location that `is_grounded` rejects.
+    ungrounded location is a non-empty predicted location that `is_grounded` rejects; an ungrounded
+    summary, one with a number or name the transcript does not have (`foreign_facts`).
     """
-    from triage.grounding import LOCATION_MIN_SHARE, is_grounded
+    from triage.grounding import LOCATION_MIN_SHARE, foreign_facts, is_grounded
 
     scores = ReviewScores(n=len(gold), flagged=sum(bool(r) for r in reviews))
     for g, text, t, d, review in zip(gold, transcripts, triage, details, reviews, strict=True):
@@ -286,6 +289,9 @@ def score_review(
         if location and not is_grounded(location, text, LOCATION_MIN_SHARE):
             scores.ungrounded_locations += 1
             scores.ungrounded_locations_flagged += bool(review)
+        if foreign_facts(_value(t, "summary"), text):
+            scores.ungrounded_summaries += 1
+            scores.ungrounded_summaries_flagged += bool(review)
     return scores
 
 

@@ -32,7 +32,8 @@ Each stage adds its reasons to the row's `review` column (null when there are no
    The embedded model cannot (its grammar holds it to the bound); a hosted one can, and its
    answer is kept rather than failed.
 5. "answered on attempt N": earlier answers did not validate.
-6. "location not in the transcript: ..." / "subject not in the transcript: ..." (`triage.grounding`).
+6. "location not in the transcript: ..." / "subject not in the transcript: ..." / "summary names what
+   the transcript does not: ..." (a number or name; `triage.grounding`).
 7. "transcript cut ...": the reader shortened an overlong transcript (set by the reader).
 
 The thresholds were chosen on every train + dev call answered out of fold (`scripts/out_of_fold.py`,
@@ -50,7 +51,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from triage.cues import calm_phrases, cancelling_phrases, danger_phrases
-from triage.grounding import ungrounded_fields
+from triage.grounding import foreign_facts, ungrounded_fields
 from triage.programs import PRIORITIES
 
 UNDER_TRIAGE_P = 0.6
@@ -136,8 +137,8 @@ OVER_TRIAGE = "possible over-triage"
 QUOTED_PHRASES = 2
 
 
-def _quoted(phrases: Sequence[str]) -> str:
-    return ", ".join(f"'{phrase}'" for phrase in phrases[:QUOTED_PHRASES])
+def _quoted(phrases: Sequence[str], most: int = QUOTED_PHRASES) -> str:
+    return ", ".join(f"'{phrase}'" for phrase in phrases[:most])
 
 
 def _classifier_reasons(
@@ -182,11 +183,18 @@ def attempts_reason(attempts: int) -> list[str]:
 
 
 def grounding_reasons(values: dict[str, str | None], transcript: str) -> list[str]:
-    """One reason per grounded field whose answer is not taken from the transcript."""
-    return [
+    """One reason per grounded field whose answer is not taken from the transcript, and one for a
+    summary that names numbers or names the transcript does not have."""
+    reasons = [
         f"{_FIELD_NAMES[name]} not in the transcript: {values[name]!r}"
         for name in ungrounded_fields(values, transcript)
     ]
+    if facts := foreign_facts(values.get("summary"), transcript):
+        reasons.append(f"summary names what the transcript does not: {_quoted(facts, QUOTED_FACTS)}")
+    return reasons
+
+
+QUOTED_FACTS = 4
 
 
 def join_reasons(*parts: str | Sequence[str] | None) -> str | None:

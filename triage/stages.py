@@ -385,7 +385,7 @@ class TriageStage(Stage):
             + priority_reasons(priority, evidence["second_opinion"], evidence["neighbours"])
             + reader_reasons(priority, evidence["second_reader"])
         )
-        reasons += bound_reasons(answer.values, choices)
+        reasons += bound_reasons(answer.values, choices) + grounding_reasons(answer.values, transcript)
         return reasons + super().review(transcript, answer)
 
 
