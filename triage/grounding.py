@@ -40,6 +40,7 @@ SPAN_FIELDS: dict[str, int] = {
 }
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_ACRONYM = re.compile(r"[A-Z]{2,5}")
 _FILLER = frozenset(
     [
         "a",
@@ -119,7 +120,8 @@ def foreign_facts(text: str | None, transcript: str) -> list[str]:
     """The numbers and names in `text` that `transcript` does not have (each once, in order).
 
     A number is a word with a digit; a name, a capitalised word other than the first of a sentence
-    (so "A fire in the kitchen" names nothing). Case and punctuation aside, as in `is_grounded`.
+    (so "A fire in the kitchen" names nothing) and other than an acronym a paraphrase may use
+    ("CPR", "EMS"). Case and punctuation aside, as in `is_grounded`.
     """
     said = set(_words(transcript))
     text = unicodedata.normalize("NFKC", text or "")
@@ -128,7 +130,8 @@ def foreign_facts(text: str | None, transcript: str) -> list[str]:
         word = match.group()
         before = text[: match.start()].rstrip()
         starts_sentence = not before or before[-1] in ".!?:;"
-        is_fact = any(c.isdigit() for c in word) or (word[0].isupper() and not starts_sentence)
+        is_name = word[0].isupper() and not starts_sentence and not _ACRONYM.fullmatch(word)
+        is_fact = any(c.isdigit() for c in word) or is_name
         if is_fact and word.lower() not in said and word not in found:
             found.append(word)
     return found
