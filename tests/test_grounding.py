@@ -14,6 +14,7 @@ from triage.grounding import (
     SPAN_MAX_WORDS,
     SPAN_OF,
     SUBJECT_MIN_SHARE,
+    callers_turns,
     foreign_facts,
     is_grounded,
     span_grammar,
@@ -78,6 +79,37 @@ def test_span_grammar_has_one_start_per_word_and_keeps_the_texts_separators():
     assert rules["s-w2-1"] == '"stop"'  # no words left: the span ends here
     assert rules["s-w7-3"] == '"OK"'  # the last word ends every span
     assert span_grammar("...", "s") == ['s ::= "\\"" "\\"" space']  # no words: only ""
+
+
+@pytest.mark.parametrize(
+    ("text", "turns"),
+    [
+        ("Dispatcher: 911? Caller: Fire at 5 Elm! Dispatcher: Anyone inside? Caller: No.", ["Fire at 5 Elm! ", "No."]),
+        ("[open line] Call-taker: Hello? Woman: stop, you're hurting me", ["[open line] ", "stop, you're hurting me"]),
+        ("Caller: Hi. Interpreter: She says her father fell.", ["Hi. ", "She says her father fell."]),
+        ("no labels at all", ["no labels at all"]),
+        ("Dispatcher: 911? Dispatcher: Hello?", ["Dispatcher: 911? Dispatcher: Hello?"]),  # only the call-taker
+    ],
+)
+def test_callers_turns_leave_out_the_call_takers_words_and_the_labels(text, turns):
+    assert [text[start:end] for start, end in callers_turns(text)] == turns
+
+
+def test_a_span_stays_inside_one_of_the_callers_turns():
+    text = "Dispatcher: 911, what's the address? Caller: 5 Elm St. Dispatcher: Elm what? Caller: Elm Street"
+    allowed = {""}
+    for start, end in callers_turns(text):
+        allowed |= span_regex(text[start:end], 3)
+    assert allowed == {
+        *("", "5", "Elm", "St", "Street"),
+        *("5 Elm", "Elm St", "5 Elm St", "Elm Street"),
+    }
+    rules = dict(line.split(" ::= ", 1) for line in span_grammar(text, "s", max_words=3))
+    words = re.findall(r"\w+", text)
+    starts = rules["s-start"].split(" | ")
+    assert [words[int(alt.split("-")[1][1:])] for alt in starts] == ["5", "Elm", "St", "Elm", "Street"]
+    assert rules["s-w9-3"] == '"St"'  # the turn ends: no way on into "Dispatcher: Elm what?"
+    assert "s-w0-3" not in rules and "s-w12-3" not in rules  # the call-taker's words have no rule
 
 
 def test_span_properties_become_span_rules_in_the_schemas_grammar():

@@ -22,7 +22,7 @@ from typing import Any
 
 import dspy
 
-from triage.grounding import MAX_SUMMARY_WORDS
+from triage.grounding import MAX_SUMMARY_WORDS, callers_turns
 
 # Demo transcripts longer than this are skipped when choosing labeled demos: every demo is re-read
 # in every prompt, and the embedded model's prompt time grows with it.
@@ -59,8 +59,6 @@ def triage_demo(example: dspy.Example) -> dspy.Example:
     ).with_inputs("transcript")
 
 
-# A speaker's label at the start of a turn: "Caller: ", "Dispatcher: ", "Interpreter: ".
-_TURN = re.compile(r"(?:^|(?<=[\s\].!?]))([A-Z][\w']*(?: [\w']+){0,3}):\s")
 _WORD = re.compile(r"\w+")
 _OPENERS = frozenset(
     ["hi", "hello", "hey", "yeah", "yes", "yep", "um", "uh", "oh", "okay", "ok", "so", "well", "please"]
@@ -71,18 +69,12 @@ MIN_SUMMARY_WORDS = 6  # a turn shorter than this ("Yes.", "Hello?") says too li
 def caller_summary(transcript: str, max_words: int = MAX_SUMMARY_WORDS) -> str:
     """The caller's opening words: a span of `transcript` of at most `max_words` words.
 
-    The first turn not by the dispatcher with at least `MIN_SUMMARY_WORDS` words (or else the
-    first such turn, or else the transcript), without its greeting ("Hi, yeah, ..."); a longer
-    one is cut at its last sentence end within `max_words` words, or at a later comma when the
-    sentence ends in the first half.
-    Whole words as `triage.grounding.span_grammar` counts them, so it is a span the grammar allows.
+    The first of `callers_turns` with at least `MIN_SUMMARY_WORDS` words (or else the first),
+    without its greeting ("Hi, yeah, ..."); a longer one is cut at its last sentence end within
+    `max_words` words, or at a later comma when the sentence ends in the first half. Words as
+    `triage.grounding.span_grammar` counts them, so it is a span the grammar allows.
     """
-    labels = list(_TURN.finditer(transcript))
-    turns = [
-        (label.end(), labels[i + 1].start() if i + 1 < len(labels) else len(transcript))
-        for i, label in enumerate(labels)
-        if label.group(1).lower() != "dispatcher"
-    ] or [(0, len(transcript))]
+    turns = callers_turns(transcript)
     start, end = next(((s, e) for s, e in turns if len(_WORD.findall(transcript[s:e])) >= MIN_SUMMARY_WORDS), turns[0])
     words = list(_WORD.finditer(transcript, start, end))
     while len(words) > MIN_SUMMARY_WORDS and words[0].group().lower() in _OPENERS:

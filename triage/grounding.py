@@ -146,24 +146,51 @@ def _gbnf_literal(text: str) -> str:
     return '"' + inside_json.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def span_grammar(text: str, rule: str, max_words: int = MAX_SPAN_WORDS) -> list[str]:
-    """GBNF rules: `rule` matches a JSON string holding "" or a run of 1 to `max_words` words of `text`.
+# A speaker's label at the start of a turn: "Caller: ", "Dispatcher: ", "Interpreter: ", "Call-taker: ".
+SPEAKER_LABEL = re.compile(r"(?:^|(?<=[\s\].!?]))([A-Z][\w'-]*(?: [\w'-]+){0,3}):\s")
+CALL_TAKERS = frozenset({"dispatcher", "call-taker", "call taker", "operator"})
 
-    Rule `w{i}-{r}` is word i, then optionally the separator after it and word i+1 with r-1 words
-    left, so a span starts at any word, keeps the text's own spelling and punctuation between
-    words, and stops after any word. Without the bound a model can run on through the whole
-    transcript (seen: a "subject" of 60 words).
+
+def callers_turns(text: str) -> list[tuple[int, int]]:
+    """The (start, end) character ranges of `text` that are not the call-taker's: what comes before
+    the first speaker's label and every turn by another voice (the caller, an interpreter, a voice
+    on an open line), labels left out. The whole text when it has no labels or only the call-taker's.
+
+    Every gold location of the labelled train + dev calls is said there (233 of 233), and 144 of the
+    149 gold subjects that pass `is_grounded`; the call-taker's words ("911, what's your emergency",
+    "You'll want a locksmith") were where the embedded model's worst locations came from on dev.
     """
+    labels = list(SPEAKER_LABEL.finditer(text))
+    turns = [(0, labels[0].start())] if labels and _WORD.search(text, 0, labels[0].start()) else []
+    for i, label in enumerate(labels):
+        if label.group(1).lower() not in CALL_TAKERS:
+            turns.append((label.end(), labels[i + 1].start() if i + 1 < len(labels) else len(text)))
+    return turns or [(0, len(text))]
+
+
+def span_grammar(text: str, rule: str, max_words: int = MAX_SPAN_WORDS) -> list[str]:
+    """GBNF rules: `rule` matches a JSON string holding "" or a run of 1 to `max_words` words of one
+    of the callers' turns of `text` (`callers_turns`).
+
+    Rule `w{i}-{r}` is word i, then optionally the separator after it and word i+1 of the same turn
+    with r-1 words left, so a span starts at any word, keeps the text's own spelling and
+    punctuation between words, and stops after any word or at the turn's end. Without the bound a
+    model can run on through the whole transcript (seen: a "subject" of 60 words).
+    """
+    turn_of: dict[int, int] = {}  # word index -> turn index, for the words in a caller's turn
     matches = list(_WORD.finditer(text))
-    if not matches:
+    for t, (start, end) in enumerate(callers_turns(text)):
+        turn_of |= {i: t for i, m in enumerate(matches) if start <= m.start() and m.end() <= end}
+    if not turn_of:
         return [f'{rule} ::= "\\"" "\\"" space']
     lines = [
         f'{rule} ::= "\\"" ( {rule}-start )? "\\"" space',
-        f"{rule}-start ::= " + " | ".join(f"{rule}-w{i}-{max_words}" for i in range(len(matches))),
+        f"{rule}-start ::= " + " | ".join(f"{rule}-w{i}-{max_words}" for i in sorted(turn_of)),
     ]
-    for i, match in enumerate(matches):
+    for i in sorted(turn_of):
+        match = matches[i]
         word = _gbnf_literal(match.group())
-        last = i + 1 == len(matches)
+        last = turn_of.get(i + 1) != turn_of[i]
         separator = "" if last else _gbnf_literal(text[match.end() : matches[i + 1].start()])
         for left in range(1, max_words + 1):
             if last or left == 1:
