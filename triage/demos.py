@@ -22,7 +22,7 @@ from typing import Any
 
 import dspy
 
-from triage.grounding import MAX_SUMMARY_WORDS, callers_turns
+from triage.grounding import MAX_SUMMARY_WORDS, WORD, callers_turns
 
 # Demo transcripts longer than this are skipped when choosing labeled demos: every demo is re-read
 # in every prompt, and the embedded model's prompt time grows with it.
@@ -59,7 +59,6 @@ def triage_demo(example: dspy.Example) -> dspy.Example:
     ).with_inputs("transcript")
 
 
-_WORD = re.compile(r"\w+")
 _OPENERS = frozenset(
     ["hi", "hello", "hey", "yeah", "yes", "yep", "um", "uh", "oh", "okay", "ok", "so", "well", "please"]
 )
@@ -75,8 +74,8 @@ def caller_summary(transcript: str, max_words: int = MAX_SUMMARY_WORDS) -> str:
     `triage.grounding.span_grammar` counts them, so it is a span the grammar allows.
     """
     turns = callers_turns(transcript)
-    start, end = next(((s, e) for s, e in turns if len(_WORD.findall(transcript[s:e])) >= MIN_SUMMARY_WORDS), turns[0])
-    words = list(_WORD.finditer(transcript, start, end))
+    start, end = next(((s, e) for s, e in turns if len(WORD.findall(transcript[s:e])) >= MIN_SUMMARY_WORDS), turns[0])
+    words = list(WORD.finditer(transcript, start, end))
     while len(words) > MIN_SUMMARY_WORDS and words[0].group().lower() in _OPENERS:
         words.pop(0)
     if not words:

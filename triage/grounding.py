@@ -39,7 +39,8 @@ SPAN_FIELDS: dict[str, int] = {
     "summary": MAX_SUMMARY_WORDS,
 }
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+# A word as spans and grounding count them ("I'm" is two).
+WORD = re.compile(r"\w+", re.UNICODE)
 _ACRONYM = re.compile(r"[A-Z]{2,5}")
 _FILLER = frozenset(
     [
@@ -88,7 +89,7 @@ _FILLER = frozenset(
 
 
 def _words(text: str) -> list[str]:
-    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    return WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
 def is_grounded(answer: str | None, transcript: str, min_share: float) -> bool:
@@ -126,7 +127,7 @@ def foreign_facts(text: str | None, transcript: str) -> list[str]:
     said = set(_words(transcript))
     text = unicodedata.normalize("NFKC", text or "")
     found: list[str] = []
-    for match in _WORD.finditer(text):
+    for match in WORD.finditer(text):
         word = match.group()
         before = text[: match.start()].rstrip()
         starts_sentence = not before or before[-1] in ".!?:;"
@@ -161,7 +162,7 @@ def callers_turns(text: str) -> list[tuple[int, int]]:
     "You'll want a locksmith") were where the embedded model's worst locations came from on dev.
     """
     labels = list(SPEAKER_LABEL.finditer(text))
-    turns = [(0, labels[0].start())] if labels and _WORD.search(text, 0, labels[0].start()) else []
+    turns = [(0, labels[0].start())] if labels and WORD.search(text, 0, labels[0].start()) else []
     for i, label in enumerate(labels):
         if label.group(1).lower() not in CALL_TAKERS:
             turns.append((label.end(), labels[i + 1].start() if i + 1 < len(labels) else len(text)))
@@ -178,7 +179,7 @@ def span_grammar(text: str, rule: str, max_words: int = MAX_SPAN_WORDS) -> list[
     model can run on through the whole transcript (seen: a "subject" of 60 words).
     """
     turn_of: dict[int, int] = {}  # word index -> turn index, for the words in a caller's turn
-    matches = list(_WORD.finditer(text))
+    matches = list(WORD.finditer(text))
     for t, (start, end) in enumerate(callers_turns(text)):
         turn_of |= {i: t for i, m in enumerate(matches) if start <= m.start() and m.end() <= end}
     if not turn_of:
