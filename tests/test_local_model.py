@@ -15,6 +15,7 @@ import dspy
 import pytest
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
+from triage.grounding import MAX_SPAN_WORDS, MAX_SUMMARY_WORDS, WORD
 from triage.lm import GrammarJSONAdapter
 from triage.local import (
     DEFAULT_FIELD_MAX_CHARS,
@@ -288,7 +289,8 @@ def test_chain_of_thought_programs_on_the_embedded_model(local_lm: dspy.LM) -> N
             assert p.priority in PRIORITIES and p.category in CATEGORIES
             assert isinstance(p.summary, str) and p.summary.strip()
             assert isinstance(p.reasoning, str) and 0 < len(p.reasoning) <= TEST_REASONING_CHARS
-            assert len(p.summary) <= TEST_STRING_CHARS
+            # Span fields are bounded in words, not characters: a span of the call (`triage.grounding`).
+            assert p.summary in transcript and len(WORD.findall(p.summary)) <= MAX_SUMMARY_WORDS
             usage = last_usage(local_lm)
             assert usage["prompt_tokens"] > 50 and usage["completion_tokens"] > 5
             raw = json.loads(runtime.last_generation.text)  # the grammar's JSON, complete
@@ -297,7 +299,8 @@ def test_chain_of_thought_programs_on_the_embedded_model(local_lm: dspy.LM) -> N
 
             d = extract(transcript=transcript)
             assert isinstance(d.location, str) and isinstance(d.subject_description, str)
-            assert len(d.location) <= TEST_STRING_CHARS and len(d.subject_description) <= TEST_STRING_CHARS
+            for span in (d.location, d.subject_description):
+                assert span in transcript and len(WORD.findall(span)) <= MAX_SPAN_WORDS
             assert list(json.loads(runtime.last_generation.text)) == ["reasoning", "location", "subject_description"]
             usage = last_usage(local_lm)
             assert usage["prompt_tokens"] > 50 and usage["completion_tokens"] > 5
