@@ -234,11 +234,16 @@ class NearestDemos:
         labels; it reads the calls' sentence embeddings beside TF-IDF when `label` is in `embedded`."""
         index = self._built_index()
         embeddings = self._embeddings() if label in self.embedded else None
+        return self._fitted("classifier", label, lambda labels: SecondOpinion.on_index(index, labels, embeddings))
+
+    def _fitted(
+        self, kind: str, label: str, fit: Callable[[list[str | None]], SecondOpinion | None]
+    ) -> SecondOpinion | None:
+        """The pool's classifier of `label` of this kind, fitted by `fit` on the pool's labels once per process."""
         with self._lock:
-            if ("classifier", label) not in self._classifiers:
-                labels = [demo.get(label) for demo in self.pool]
-                self._classifiers["classifier", label] = SecondOpinion.on_index(index, labels, embeddings)
-            return self._classifiers["classifier", label]
+            if (kind, label) not in self._classifiers:
+                self._classifiers[kind, label] = fit([demo.get(label) for demo in self.pool])
+            return self._classifiers[kind, label]
 
     def probabilities(self, transcript: str, label: str) -> dict[str, float]:
         """The pool classifier's probability of each value of `label` for `transcript` ({} without one)."""
@@ -254,11 +259,7 @@ class NearestDemos:
         if not (self.pool and self.embedded):
             return {}
         embeddings = self._embeddings()
-        with self._lock:
-            if ("reader", label) not in self._classifiers:
-                labels = [demo.get(label) for demo in self.pool]
-                self._classifiers["reader", label] = SecondOpinion.on_embeddings(embeddings, labels)
-            reader = self._classifiers["reader", label]
+        reader = self._fitted("reader", label, lambda labels: SecondOpinion.on_embeddings(embeddings, labels))
         return reader.probabilities_of(embedding=self._embedding(transcript)) if reader is not None else {}
 
     def shares(self, transcript: str, label: str, n: int) -> dict[str, float]:
