@@ -24,7 +24,13 @@ from triage.demos import caller_summary, details_demo, is_urgent, select_coverin
 from triage.errors import TriageError
 from triage.evaluation import ModuleRun, load_labeled
 from triage.grounding import MAX_SUMMARY_WORDS
-from triage.nearest_search import MIN_URGENT_RECALL, NearestChoice, choose_nearest, choose_priority_bound
+from triage.nearest_search import (
+    MIN_URGENT_RECALL,
+    NearestChoice,
+    PriorityBound,
+    choose_nearest,
+    choose_priority_bound,
+)
 from triage.optimize import OptimizeOptions, OptimizerUnavailable, check_optimizer_available, optimize
 from triage.programs import CATEGORIES, PRIORITIES, CallTriager, DetailExtractor
 from triage.settings import Settings
@@ -176,7 +182,8 @@ def test_nearest_optimize_keeps_the_labelled_calls_bound_when_it_scores_better(t
     assert share in OptimizeOptions().choice_share_candidates
     assert urgent_share in (*OptimizeOptions().urgent_share_candidates, share) and urgent_share <= share
     assert set(triager.nearest.classified) <= {"priority", "category"} and triager.nearest.classifier_share == share
-    bound = NearestChoice(1, 3, share, triager.nearest.classified, urgent_share).describe()
+    danger = triager.nearest.urgent_on_danger
+    bound = NearestChoice(1, 3, share, triager.nearest.classified, urgent_share, urgent_on_danger=danger).describe()
     assert bound.startswith("k=1, choices=3")
     notes = "\n".join(report["notes"])
     assert f"triage: nearest demos, {bound} (metric on eval: {bound}: " in notes and "; k=1: " in notes
@@ -184,7 +191,7 @@ def test_nearest_optimize_keeps_the_labelled_calls_bound_when_it_scores_better(t
     pool = len(triager.nearest.pool)
     assert f"chosen leave-one-out on {pool} labelled calls" in notes
     source = "classifier" if "priority" in triager.nearest.classified else "neighbours"
-    assert f"by the {source}, share >= {share:g}, urgent >= {urgent_share:g} (urgent recall " in notes
+    assert f"{PriorityBound(source, share, urgent_share, danger).describe()} (urgent recall " in notes
 
 
 def write_old_files(out: Path) -> None:
@@ -409,13 +416,18 @@ def test_the_priority_bound_is_chosen_leave_one_out_for_urgent_recall():
     labelled += [dspy.Example(transcript=t, priority="non_urgent") for t in [*toast, "burnt toast kitchen alarm"]]
     labelled.append(dspy.Example(transcript="smoke alarm kitchen toast, fire flames", priority="urgent"))
     bound, figures = choose_priority_bound(labelled, 3, (0.5,), (0.1, 0.2, 0.3, 0.4))
-    by_neighbours = {(b.share, b.urgent_share): f for b, f in figures.items() if b.source == "neighbours"}
+    neighbours = {b: f for b, f in figures.items() if b.source == "neighbours"}
+    by_neighbours = {(b.share, b.urgent_share): f for b, f in neighbours.items() if not b.danger}
     # Its own label would keep every urgent call at any share: the mixed call is judged by the others,
     # mostly toast, so one share for every label loses it.
     assert by_neighbours[(0.5, 0.5)].urgent_recall == pytest.approx(4 / 5)
     assert by_neighbours[(0.5, 0.2)].urgent_recall == 1.0 >= MIN_URGENT_RECALL
     assert by_neighbours[(0.5, 0.1)].urgent_recall == 1.0
     assert by_neighbours[(0.5, 0.1)].priority < by_neighbours[(0.5, 0.2)].priority
+    # Each bound is also scored with urgent left whenever the caller's words describe danger: the
+    # mixed call says "flames", so one share for every label keeps it that way.
+    on_danger = {(b.share, b.urgent_share): f for b, f in neighbours.items() if b.danger}
+    assert on_danger[(0.5, 0.5)].urgent_recall == 1.0 and on_danger[(0.5, 0.5)].priority == 1.0
     # The classifier (fitted on the others) is scored beside them; the most accurate bound that keeps
     # every urgent call wins.
     assert {b.source for b in figures} == {"neighbours", "classifier"}

@@ -8,12 +8,14 @@ train + dev (`choose_priority_bound`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import dspy
 
+from triage.cues import danger_phrases
 from triage.demos import nearest_pool
 from triage.evaluation import run_module
 from triage.lm import LMSetup
@@ -39,11 +41,14 @@ class NearestChoice:
     classified: tuple[str, ...] = ()  # labels bounded by the pool's classifier instead of the neighbours
     urgent_share: float | None = None  # None: the same as choice_share
     embedded: tuple[str, ...] = ()  # labels whose classifier also reads sentence embeddings
+    urgent_on_danger: bool = False  # urgent is a choice whenever the caller describes present danger
 
     def describe(self) -> str:
         shares = [f"share >= {self.choice_share:g}"] if self.choice_share else []
         if self.urgent_share is not None and self.urgent_share != self.choice_share:
             shares.append(f"urgent >= {self.urgent_share:g}")
+        if self.urgent_on_danger:
+            shares.append("urgent on danger words")
         bound = f", choices={self.choices}" + (f" ({', '.join(shares)})" if shares else "")
         if self.classified:
             bound += f", {'/'.join(self.classified)} by the classifier"
@@ -67,6 +72,7 @@ def nearest_program(
         "classifier_share": chosen.choice_share,
         "urgent_share": chosen.urgent_share,
         "embedded": chosen.embedded,
+        "urgent_on_danger": chosen.urgent_on_danger,
     }
     program.nearest.load_state({**state, "pool": nearest_pool(examples, target.demo)})
     return program
@@ -114,9 +120,11 @@ class PriorityBound:
     source: str  # "neighbours": the `n` most similar calls' similarity; "classifier": the pool classifier
     share: float
     urgent_share: float
+    danger: bool = False  # urgent is also a choice when the caller describes present danger (`triage.cues`)
 
     def describe(self) -> str:
-        return f"by the {self.source}, share >= {self.share:g}, urgent >= {self.urgent_share:g}"
+        described = f"by the {self.source}, share >= {self.share:g}, urgent >= {self.urgent_share:g}"
+        return described + (", or on danger words" if self.danger else "")
 
 
 def choose_priority_bound(
@@ -133,7 +141,9 @@ def choose_priority_bound(
     model took urgent in 24 of the 27 calls where urgent and another priority were left, out of
     fold). Of the bounds (urgent share at most the share) whose urgent recall is at least
     `MIN_URGENT_RECALL`, the one with the best accuracy (ties: the higher recall, then the smaller
-    share, then the neighbours); if none reaches it, the highest recall.
+    share, then the neighbours, then without danger words); if none reaches it, the highest recall.
+    Each bound is scored twice: as it is, and with urgent also left whenever the caller's words
+    describe present danger (`NearestDemos.urgent_on_danger`).
     """
     evidence: dict[str, list[dict[str, float]]] = {"neighbours": [], "classifier": []}
     for i, example in enumerate(labelled):
@@ -149,18 +159,21 @@ def choose_priority_bound(
     pairs = sorted({(share, urgent) for share in shares for urgent in (*urgent_shares, share) if urgent <= share})
     figures: dict[PriorityBound, BoundFigures] = {}
     urgent_calls = sum(example.priority == "urgent" for example in labelled)
-    for source, weights in evidence.items():
-        for share, urgent_share in pairs:
-            right = urgent_kept = 0
-            for example, weight in zip(labelled, weights, strict=True):
-                answer = min(bounded_labels(weight, share, urgent_share), key=PRIORITIES.index)
-                right += answer == example.priority
-                urgent_kept += answer == "urgent" == example.priority
-            recall = urgent_kept / urgent_calls if urgent_calls else 1.0
-            figures[PriorityBound(source, share, urgent_share)] = BoundFigures(right / len(labelled), recall)
+    danger = [bool(danger_phrases(example.transcript)) for example in labelled]
+    candidates = itertools.product(evidence.items(), pairs, (False, True))
+    for (source, weights), (share, urgent_share), on_danger in candidates:
+        right = urgent_kept = 0
+        for example, weight, said_danger in zip(labelled, weights, danger, strict=True):
+            left = bounded_labels(weight, share, urgent_share)
+            answer = "urgent" if on_danger and said_danger else min(left, key=PRIORITIES.index)
+            right += answer == example.priority
+            urgent_kept += answer == "urgent" == example.priority
+        recall = urgent_kept / urgent_calls if urgent_calls else 1.0
+        figures[PriorityBound(source, share, urgent_share, on_danger)] = BoundFigures(right / len(labelled), recall)
 
     def preference(bound: PriorityBound) -> tuple[float, ...]:
-        return (figures[bound].priority, figures[bound].urgent_recall, -bound.share, bound.source == "neighbours")
+        figure = figures[bound]
+        return (figure.priority, figure.urgent_recall, -bound.share, bound.source == "neighbours", not bound.danger)
 
     meeting = [bound for bound, f in figures.items() if f.urgent_recall >= MIN_URGENT_RECALL]
     if meeting:
@@ -208,9 +221,10 @@ def _bound_note(bound: PriorityBound, figures: dict[PriorityBound, BoundFigures]
     def said(b: PriorityBound) -> str:
         return f"urgent recall {percent(figures[b].urgent_recall)}, priority {percent(figures[b].priority)}"
 
-    others = [PriorityBound(bound.source, bound.share, bound.share)]  # the same share for urgent
+    others = [PriorityBound(bound.source, bound.share, bound.share, bound.danger)]  # the same share for urgent
     other_source = "neighbours" if bound.source == "classifier" else "classifier"
-    others.append(PriorityBound(other_source, bound.share, bound.urgent_share))
+    others.append(PriorityBound(other_source, bound.share, bound.urgent_share, bound.danger))
+    others.append(PriorityBound(bound.source, bound.share, bound.urgent_share, not bound.danger))
     tried = "; ".join(f"{b.describe()}: {said(b)}" for b in others if b in figures and b != bound)
     return (
         f"the priority bound ({n} neighbours or the classifier), chosen leave-one-out on {calls} labelled calls "
@@ -274,7 +288,7 @@ def choose_nearest(
         if bound.source == "classifier":
             classified = ("priority", *classified)
         for k in ks:
-            score(NearestChoice(k, n, bound.share, classified, bound.urgent_share, embedded))
+            score(NearestChoice(k, n, bound.share, classified, bound.urgent_share, embedded, bound.danger))
     if scores:  # the bound is kept only if the model scores better with it than without, at its best k
         score(NearestChoice(best(list(scores)).k))
     else:

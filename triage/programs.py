@@ -18,6 +18,7 @@ from typing import Any, Literal
 import dspy
 import numpy as np
 
+from triage.cues import danger_phrases
 from triage.embeddings import embed, embed_pool
 from triage.retrieval import SecondOpinion, SimilarCalls, label_shares, label_totals, weighted_vote
 
@@ -123,6 +124,11 @@ class NearestDemos:
     The priority's source (neighbours or classifier) and shares are chosen offline too, leave-one-out
     on train + dev (`nearest_search.choose_priority_bound`); `urgent_share` holds for either.
 
+    With `urgent_on_danger`, urgent is also a priority choice, listed first, whenever the caller's
+    words describe present danger (`triage.cues.danger_phrases`: "not breathing", "gun", "flames"),
+    whatever the bound says: all 35 calls of train + dev with such a phrase are urgent, and the
+    classifier's bound left urgent out for one of them (leave-one-out). The model still decides.
+
     The labels named in `embedded` are classified from the calls' sentence embeddings
     (`triage.embeddings`) beside their TF-IDF vectors, and such a program also has a second reader
     (`reader_probabilities`: the embeddings alone) for the review queue. `optimize` lists a label
@@ -141,6 +147,7 @@ class NearestDemos:
         classifier_share: float = 0.0,
         urgent_share: float | None = None,
         embedded: Sequence[str] = (),
+        urgent_on_danger: bool = False,
     ) -> None:
         self.pool = [dict(demo) for demo in pool]
         self.k = k
@@ -152,6 +159,7 @@ class NearestDemos:
         self.classifier_share = classifier_share
         self.urgent_share = urgent_share  # None: the same as choice_share
         self.embedded = tuple(embedded)
+        self.urgent_on_danger = urgent_on_danger
         self._index: SimilarCalls | None = None
         self._pool_embeddings: np.ndarray | None = None
         self._classifiers: dict[tuple[str, str], SecondOpinion | None] = {}
@@ -170,6 +178,8 @@ class NearestDemos:
             state |= {"choices": self.choices, "choice_share": self.choice_share}
             if self.urgent_share is not None:
                 state["urgent_share"] = self.urgent_share
+            if self.urgent_on_danger:
+                state["urgent_on_danger"] = True
         if self.classified:
             state |= {"classified": list(self.classified), "classifier_share": self.classifier_share}
         if self.embedded:
@@ -189,6 +199,7 @@ class NearestDemos:
             state.get("classifier_share", 0.0),
             state.get("urgent_share"),
             state.get("embedded", ()),
+            state.get("urgent_on_danger", False),
         )
 
     def _remembered(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
@@ -311,6 +322,9 @@ class NearestDemos:
             if totals:
                 urgent_share = self.urgent_share if label == "priority" else None
                 choices[label] = bounded_labels(totals, share, urgent_share)
+        left = choices.get("priority", ("urgent",))
+        if self.urgent_on_danger and "urgent" not in left and danger_phrases(transcript):
+            choices["priority"] = ("urgent", *left)
         return choices
 
     def neighbourhood(self, transcript: str) -> Neighbourhood:
@@ -319,6 +333,7 @@ class NearestDemos:
             return Neighbourhood()
         settings = (self.k, self.max_demo_chars, self.vote, self.choices, self.choice_share, self.urgent_share)
         key = ("neighbourhood", transcript, *settings, self.classified, self.classifier_share, self.embedded)
+        key += (self.urgent_on_danger,)
         return self._remembered(key, lambda: self._neighbourhood(transcript))
 
     def _neighbourhood(self, transcript: str) -> Neighbourhood:
@@ -345,6 +360,7 @@ class NearestDemos:
             self.classifier_share,
             self.urgent_share,
             self.embedded,
+            self.urgent_on_danger,
         )  # the index, embeddings and classifiers are rebuilt on use
 
 
