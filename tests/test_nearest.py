@@ -168,21 +168,22 @@ def test_urgents_share_survives_save_and_load_and_older_files_keep_one_share(tmp
     assert older.nearest.neighbourhood(TOAST).choices["priority"] == ("non_urgent",)
 
 
-def test_the_callers_danger_words_keep_urgent_a_choice_the_bound_left_out(tmp_path):
+def test_the_callers_danger_words_leave_urgent_the_only_priority_choice(tmp_path):
     bounded = {"k": 1, "choices": 4, "choice_share": 0.35, "pool": POOL}
     gun = f"Caller: {TOAST}, and my neighbour is waving a gun"  # "gun": a word no pool call has
     assert NearestDemos(**bounded).neighbourhood(gun).choices["priority"] == ("non_urgent",)
     on_danger = NearestDemos(**bounded, urgent_on_danger=True)
-    assert on_danger.neighbourhood(gun).choices["priority"] == ("urgent", "non_urgent")  # listed first
+    assert on_danger.neighbourhood(gun).choices["priority"] == ("urgent",)
     assert on_danger.neighbourhood(gun).choices["category"] == ("fire",)  # the priority's only
     assert on_danger.neighbourhood(TOAST).choices["priority"] == ("non_urgent",)  # no danger words
     assert on_danger.neighbourhood(f"Caller: {TOAST}, no gun or anything").choices["priority"] == ("non_urgent",)
     asked = f"Dispatcher: Did you see a gun? Caller: {TOAST}"  # the dispatcher's words describe nothing
     assert on_danger.neighbourhood(asked).choices["priority"] == ("non_urgent",)
-    kept = NearestDemos(**bounded, urgent_share=0.25, urgent_on_danger=True)
-    assert kept.neighbourhood(gun).choices["priority"] == ("non_urgent", "urgent")  # left by the bound: as it was
+    left_by_the_bound = NearestDemos(**bounded, urgent_share=0.25, urgent_on_danger=True)
+    assert left_by_the_bound.neighbourhood(TOAST).choices["priority"] == ("non_urgent", "urgent")
+    assert left_by_the_bound.neighbourhood(gun).choices["priority"] == ("urgent",)
     loaded = saved_and_loaded({**bounded, "urgent_on_danger": True}, tmp_path)
-    assert loaded.nearest.neighbourhood(gun).choices["priority"] == ("urgent", "non_urgent")
+    assert loaded.nearest.neighbourhood(gun).choices["priority"] == ("urgent",)
     assert "urgent_on_danger" not in saved_and_loaded(bounded, tmp_path).dump_state()["nearest_demos"]
 
 

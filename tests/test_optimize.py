@@ -424,8 +424,8 @@ def test_the_priority_bound_is_chosen_leave_one_out_for_urgent_recall():
     assert by_neighbours[(0.5, 0.2)].urgent_recall == 1.0 >= MIN_URGENT_RECALL
     assert by_neighbours[(0.5, 0.1)].urgent_recall == 1.0
     assert by_neighbours[(0.5, 0.1)].priority < by_neighbours[(0.5, 0.2)].priority
-    # Each bound is also scored with urgent left whenever the caller's words describe danger: the
-    # mixed call says "flames", so one share for every label keeps it that way.
+    # Each bound is also scored with urgent the only choice whenever the caller's words describe
+    # danger: the mixed call says "flames", so one share for every label keeps it that way.
     on_danger = {(b.share, b.urgent_share): f for b, f in neighbours.items() if b.danger}
     assert on_danger[(0.5, 0.5)].urgent_recall == 1.0 and on_danger[(0.5, 0.5)].priority == 1.0
     # The classifier (fitted on the others) is scored beside them; the most accurate bound that keeps

@@ -41,14 +41,14 @@ class NearestChoice:
     classified: tuple[str, ...] = ()  # labels bounded by the pool's classifier instead of the neighbours
     urgent_share: float | None = None  # None: the same as choice_share
     embedded: tuple[str, ...] = ()  # labels whose classifier also reads sentence embeddings
-    urgent_on_danger: bool = False  # urgent is a choice whenever the caller describes present danger
+    urgent_on_danger: bool = False  # urgent is the only priority choice when the caller describes present danger
 
     def describe(self) -> str:
         shares = [f"share >= {self.choice_share:g}"] if self.choice_share else []
         if self.urgent_share is not None and self.urgent_share != self.choice_share:
             shares.append(f"urgent >= {self.urgent_share:g}")
         if self.urgent_on_danger:
-            shares.append("urgent on danger words")
+            shares.append("urgent alone on danger words")
         bound = f", choices={self.choices}" + (f" ({', '.join(shares)})" if shares else "")
         if self.classified:
             bound += f", {'/'.join(self.classified)} by the classifier"
@@ -120,11 +120,11 @@ class PriorityBound:
     source: str  # "neighbours": the `n` most similar calls' similarity; "classifier": the pool classifier
     share: float
     urgent_share: float
-    danger: bool = False  # urgent is also a choice when the caller describes present danger (`triage.cues`)
+    danger: bool = False  # urgent is the only choice when the caller describes present danger (`triage.cues`)
 
     def describe(self) -> str:
         described = f"by the {self.source}, share >= {self.share:g}, urgent >= {self.urgent_share:g}"
-        return described + (", or on danger words" if self.danger else "")
+        return described + (", urgent alone on danger words" if self.danger else "")
 
 
 def choose_priority_bound(
@@ -142,8 +142,8 @@ def choose_priority_bound(
     fold). Of the bounds (urgent share at most the share) whose urgent recall is at least
     `MIN_URGENT_RECALL`, the one with the best accuracy (ties: the higher recall, then the smaller
     share, then the neighbours, then without danger words); if none reaches it, the highest recall.
-    Each bound is scored twice: as it is, and with urgent also left whenever the caller's words
-    describe present danger (`NearestDemos.urgent_on_danger`).
+    Each bound is scored twice: as it is, and with urgent the only priority left whenever the
+    caller's words describe present danger (`NearestDemos.urgent_on_danger`).
     """
     evidence: dict[str, list[dict[str, float]]] = {"neighbours": [], "classifier": []}
     for i, example in enumerate(labelled):

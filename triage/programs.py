@@ -124,10 +124,12 @@ class NearestDemos:
     The priority's source (neighbours or classifier) and shares are chosen offline too, leave-one-out
     on train + dev (`nearest_search.choose_priority_bound`); `urgent_share` holds for either.
 
-    With `urgent_on_danger`, urgent is also a priority choice, listed first, whenever the caller's
-    words describe present danger (`triage.cues.danger_phrases`: "not breathing", "gun", "flames"),
-    whatever the bound says: all 35 calls of train + dev with such a phrase are urgent, and the
-    classifier's bound left urgent out for one of them (leave-one-out). The model still decides.
+    With `urgent_on_danger`, urgent is the only priority choice whenever the caller's words describe
+    present danger (`triage.cues.danger_phrases`: "not breathing", "gun", "flames"), whatever the
+    bound says: all 35 calls of train + dev with such a phrase are urgent, and the classifier's
+    bound left urgent out for one of them (leave-one-out). Offered urgent beside the bound's
+    not_an_emergency, listed first, the embedded model still took not_an_emergency (out of fold);
+    a hosted model can still answer otherwise, and is reviewed (`review.bound_reasons`).
 
     The labels named in `embedded` are classified from the calls' sentence embeddings
     (`triage.embeddings`) beside their TF-IDF vectors, and such a program also has a second reader
@@ -322,9 +324,8 @@ class NearestDemos:
             if totals:
                 urgent_share = self.urgent_share if label == "priority" else None
                 choices[label] = bounded_labels(totals, share, urgent_share)
-        left = choices.get("priority", ("urgent",))
-        if self.urgent_on_danger and "urgent" not in left and danger_phrases(transcript):
-            choices["priority"] = ("urgent", *left)
+        if self.urgent_on_danger and "priority" in choices and danger_phrases(transcript):
+            choices["priority"] = ("urgent",)
         return choices
 
     def neighbourhood(self, transcript: str) -> Neighbourhood:
