@@ -14,7 +14,8 @@ from tests.test_review import FIRE, QUESTION, TRAIN, batch, stage_with
 from triage.demos import nearest_pool, triage_demo
 from triage.embeddings import DIMENSIONS, embed
 from triage.evaluation import load_labeled
-from triage.programs import PRIORITIES, CallTriager, NearestDemos
+from triage.nearest_demos import NearestDemos
+from triage.programs import PRIORITIES, CallTriager
 from triage.retrieval import SecondOpinion, SimilarCalls
 from triage.stages import TriageStage
 

@@ -25,7 +25,7 @@ from triage.grounding import (
 from triage.lm import GrammarJSONAdapter
 from triage.local import make_local_lm
 from triage.local.grammar import schema_to_grammar
-from triage.programs import CallTriager, ExtractDetails
+from triage.programs import CallTriager, ExtractDetails, with_choices
 
 TRANSCRIPT = (
     'Caller: There\'s smoke at 48 Sparrow Hill Lane, the "blue house"!\n'
@@ -183,6 +183,21 @@ def test_the_embedded_model_cannot_copy_a_demos_address(local_lm):
                 allowed = span_regex(transcript, 12)
                 assert raw[name] in allowed, (name, raw[name])
                 assert answer[name] == raw[name]
+
+
+@pytest.mark.slow
+def test_a_location_the_program_bounds_to_empty_is_empty_and_the_subject_still_a_span(local_lm):
+    """`NearestDemos.location_below`: the grammar holds a bounded location to "" (a free span otherwise)."""
+    transcript = "Caller: Sorry, wrong number. My little boy was playing with the phone."
+    extract = dspy.ChainOfThought(ExtractDetails)
+    with dspy.context(lm=local_lm, adapter=GrammarJSONAdapter()):
+        narrowed = with_choices(extract.predict.signature, (("location", ("",)),))
+        bounded = extract(transcript=transcript, signature=narrowed)
+        raw = json.loads(local_lm.engine.runtime.last_generation.text)
+        assert raw["location"] == bounded.location == ""
+        assert raw["subject_description"] in span_regex(transcript, 12)
+        free = extract(transcript=transcript)
+        assert free.location in span_regex(transcript, 12)
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import pytest
 from dspy.utils.exceptions import AdapterParseError
 
 from triage.lm import ChatAdapter, GrammarJSONAdapter
-from triage.programs import CATEGORIES, CallTriager, NearestDemos, TriageCall, clip, with_choices
+from triage.nearest_demos import NearestDemos, clip
+from triage.programs import CATEGORIES, CallTriager, DetailExtractor, TriageCall, with_choices
 
 POOL = [
     {"call_id": "fire-1", "transcript": "kitchen fire flames smoke house", "priority": "urgent", "category": "fire"},
@@ -126,7 +127,8 @@ def test_with_choices_keeps_only_values_the_field_allows():
     narrowed = with_choices(TriageCall, (("priority", ("non_urgent", "invented")), ("category", ("invented",))))
     assert typing.get_args(narrowed.output_fields["priority"].annotation) == ("non_urgent",)
     assert typing.get_args(narrowed.output_fields["category"].annotation) == CATEGORIES  # none left: its own
-    assert with_choices(TriageCall, (("summary", ("x",)),)).output_fields["summary"].annotation is str
+    assert with_choices(TriageCall, (("summary", ("",)),)).output_fields["summary"].annotation == typing.Literal[""]
+    assert with_choices(TriageCall, (("absent", ("x",)),)) is TriageCall
     assert with_choices(TriageCall, (("priority", ("urgent",)),)) is with_choices(
         TriageCall, (("priority", ("urgent",)),)
     )
@@ -219,3 +221,39 @@ def test_shares_are_each_labels_part_of_the_nearest_calls_similarity():
     assert set(shares) == {"urgent", "non_urgent"} and sum(shares.values()) == pytest.approx(1.0)
     assert shares["non_urgent"] == pytest.approx(0.4, abs=0.05)  # as the share bound above sees it
     assert NearestDemos([], k=1).shares(SMOKE_AND_FLAMES, "priority", 4) == {}
+
+
+PLACES = [
+    {"transcript": "fire at 12 Elm Street, the corner house", "location": "12 Elm Street"},
+    {"transcript": "a crash on Main Street near the bridge", "location": "Main Street near the bridge"},
+    {"transcript": "the dog is loose at 40 Oak Avenue again", "location": "40 Oak Avenue"},
+    {"transcript": "hello? sorry, wrong number, my mistake", "location": ""},
+    {"transcript": "sorry, I dialled by mistake, no problem here", "location": ""},
+    {"transcript": "how do I get a copy of a police report", "location": ""},
+]
+for demo in PLACES:
+    demo |= {"reasoning": "Quoted from the call.", "subject_description": ""}
+
+
+def test_a_call_whose_caller_names_no_place_may_only_have_an_empty_location(tmp_path):
+    bounded = NearestDemos(PLACES, k=1, location_below=0.5)
+    no_place, place = "sorry, wrong number, my mistake", "smoke coming from 7 Elm Street"
+    assert bounded.states_location(no_place) < 0.5 < bounded.states_location(place)
+    assert bounded.neighbourhood(no_place).choices == {"location": ("",)}
+    assert bounded.neighbourhood(place).choices == {}
+    assert NearestDemos(PLACES, k=1).neighbourhood(no_place).choices == {}  # off by default
+    assert NearestDemos(POOL, k=1, location_below=0.5).neighbourhood(no_place).choices == {}  # no locations: no bound
+    program = DetailExtractor()
+    program.nearest.load_state({"k": 1, "location_below": 0.5, "pool": PLACES})
+    program.save(str(tmp_path / "details.json"))
+    loaded = DetailExtractor()
+    loaded.load(str(tmp_path / "details.json"))
+    assert loaded.nearest.location_below == 0.5
+    assert loaded.nearest.neighbourhood(no_place).choices == {"location": ("",)}
+    older = DetailExtractor()
+    older.nearest.load_state({"k": 1, "pool": PLACES})  # a file from before the bound
+    assert older.nearest.location_below == 0.0 and "location_below" not in older.dump_state()["nearest_demos"]
+    # A hosted model that names a place anyway keeps its answer; the review queue says so.
+    lm = dspy.utils.DummyLM([{"reasoning": "r", "location": "the corner", "subject_description": ""}])
+    with dspy.context(lm=lm, adapter=ChatAdapter()):
+        assert loaded(transcript=no_place).location == "the corner"

@@ -25,9 +25,13 @@ from triage.errors import TriageError
 from triage.evaluation import ModuleRun, load_labeled
 from triage.grounding import MAX_SUMMARY_WORDS
 from triage.nearest_search import (
+    LOST_PLACE_COST,
     MIN_URGENT_RECALL,
+    LocationFigures,
     NearestChoice,
     PriorityBound,
+    _location_note,
+    choose_location_bound,
     choose_nearest,
     choose_priority_bound,
 )
@@ -146,7 +150,11 @@ def test_nearest_optimize_chooses_k_on_dev_and_saves_a_pool_of_train_and_dev(pro
     # Every k was tried with the bound, then the best k without it (kept: the fake answers no better bounded).
     assert "triage: nearest demos, k=1 (metric on eval: k=1, choices=5" in markdown
     assert "; k=2, choices=5" in markdown and "; k=1: " in markdown
-    assert "extract_details: nearest demos, k=1 (metric on eval: k=1: " in markdown
+    # The location bound too (chosen out of fold without the LM), then the best k without it.
+    assert "extract_details: nearest demos, k=1 (metric on eval: k=1, no location below p=" in markdown
+    assert "; k=2, no location below p=" in markdown and "; k=1: " in markdown.split("extract_details: nearest")[1]
+    assert "extract_details: the location bound, chosen in 10-fold cross-validation on 113 labelled calls" in markdown
+    assert extractor.nearest.location_below == 0  # the fake answers no better bounded
     assert "choices" not in markdown.split("extract_details: nearest demos")[1].split("\n")[0]  # no labels to bound
     assert f"the saved programs' pool adds {DEV} ({len(train) + len(dev)} labelled calls)" in markdown
     # The saved files are named by their own sha256; the programs scored on dev (train pool) are no file.
@@ -441,3 +449,54 @@ def test_without_a_classifier_for_every_call_the_priority_bound_is_the_neighbour
     labelled.append(dspy.Example(transcript="burnt toast", priority="non_urgent"))  # alone with its label
     bound, figures = choose_priority_bound(labelled, 3, (0.5,), (0.3,))
     assert bound.source == "neighbours" and {b.source for b in figures} == {"neighbours"}
+
+
+PLACES = [
+    "fire at 12 Elm Street",
+    "crash on Main Street by the bridge",
+    "dog loose at 40 Oak Avenue",
+    "smoke at 9 Elm Road",
+]
+NO_PLACE = ["sorry wrong number", "my mistake, wrong number, sorry", "sorry, dialled by mistake", "wrong number sorry"]
+
+
+def places_and_none() -> list[dspy.Example]:
+    calls = [dspy.Example(transcript=t, location=t.split(" at ")[-1], subject_description="") for t in PLACES * 3]
+    return calls + [dspy.Example(transcript=t, location="", subject_description="") for t in NO_PLACE * 3]
+
+
+def test_the_location_bound_is_chosen_out_of_fold_and_a_lost_place_costs_three():
+    threshold, figures = choose_location_bound(places_and_none(), (0.2, 0.5, 0.8, 0.99))
+    # Every call is judged by a classifier that never saw it: the calls naming no place fall below 0.5.
+    assert figures[0.5] == LocationFigures(12, 0) and threshold == 0.5
+    assert figures[0.99].emptied_right == 12 and figures[0.99].emptied_wrong == 12  # everything emptied
+    assert figures[0.99].gain == 12 - LOST_PLACE_COST * 12 < figures[0.5].gain
+    only_places = [example for example in places_and_none() if example.location]
+    assert choose_location_bound(only_places, (0.5,)) == (0.0, {})  # nothing to learn from: no bound
+
+
+def test_the_location_bound_is_kept_only_if_the_model_scores_better_with_it(monkeypatch):
+    target = next(t for t in triage.optimize.TARGETS if t.name == "extract_details")
+    labelled, options = places_and_none(), OptimizeOptions(k_candidates=(1,))
+    threshold, figures = choose_location_bound(labelled, options.location_below_candidates)
+    assert threshold > 0
+    evalset = [dspy.Example(transcript="wrong number", location="", subject_description="")] * 4
+
+    def run_module(stage, settings, setup, source, examples, title=""):  # bounded, the model leaves it empty
+        bounded = source.state["nearest_demos"].get("location_below", 0) > 0
+        answer = {"location": "" if bounded else "wrong number", "subject_description": ""}
+        return ModuleRun(program=source.label, predictions=[answer] * len(examples))
+
+    monkeypatch.setattr(triage.nearest_search, "run_module", run_module)
+    chosen, scores, notes = choose_nearest(target, options, labelled, evalset, None, None, labelled)
+    assert chosen == NearestChoice(1, location_below=threshold) and scores[NearestChoice(1)] < scores[chosen]
+    assert chosen.describe() == f"k=1, no location below p={threshold:g}"
+    assert notes == [f"extract_details: {_location_note(threshold, figures, len(labelled))}"]
+    assert "(a place lost counts 3 calls): empty below p=" in notes[0]
+
+    def same_answers(stage, settings, setup, source, examples, title=""):
+        return ModuleRun(program=source.label, predictions=[{"location": "", "subject_description": ""}] * 4)
+
+    monkeypatch.setattr(triage.nearest_search, "run_module", same_answers)
+    chosen, _, _ = choose_nearest(target, options, labelled, evalset, None, None, labelled)
+    assert chosen == NearestChoice(1)  # a tie: no bound

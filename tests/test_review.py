@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 from tests.doubles import fields_for, last_user_text, scripted_lm, transcript_of
-from triage.demos import nearest_pool, triage_demo
+from triage.demos import details_demo, nearest_pool, triage_demo
 from triage.evaluation import load_labeled
 from triage.lm import ChatAdapter, LMSetup
-from triage.programs import CallTriager
+from triage.programs import CallTriager, DetailExtractor
 from triage.review import choice_reasons, cue_reasons, join_reasons, priority_reasons, reader_reasons, urgent_first
 from triage.schema import WORKING_SCHEMA
 from triage.settings import Settings
@@ -249,3 +249,21 @@ def test_triage_stage_flags_a_calmer_answer_when_the_bound_left_urgent(nearest_t
     assert first == "possible under-triage: urgent was one of the labelled calls' choices (non_urgent, urgent), " + (
         "answer non_urgent"
     )
+
+
+def test_a_location_given_where_the_bound_leaves_none_is_kept_and_reviewed():
+    """A hosted model is not held to an empty location by a grammar: its place is kept and reviewed."""
+    program = DetailExtractor()
+    program.nearest.load_state({"k": 1, "location_below": 0.5, "pool": nearest_pool(load_labeled(TRAIN), details_demo)})
+
+    def script(request):  # the LM names a place for both calls; only the question's was bounded to none
+        place = "Route 50" if "Route 50" in transcript_of(request) else "next door"
+        return fields_for("extract_details", location=place, subject_description="")
+
+    stage, _ = stage_with(ExtractDetailsStage, script, program.dump_state())
+    assert stage.program.nearest.neighbourhood(QUESTION).choices == {"location": ("",)}
+    assert stage.program.nearest.neighbourhood(FIRE).choices == {}
+    question, fire = asyncio.run(stage(batch([QUESTION, FIRE]))).to_pylist()
+    assert question["location"] == "Route 50"  # kept as answered
+    assert question["review"] == "location 'Route 50' given where the labelled calls say the caller names none"
+    assert fire["location"] == "next door" and fire["review"] is None

@@ -187,7 +187,9 @@ class GrammarJSONAdapter(JSONAdapter):
         super()._prepare_response_format(lm, lm_kwargs, signature)
         source = (_CALL_INPUTS.get() or {}).get(SPAN_SOURCE)
         response_format = lm_kwargs.get("response_format")
-        spans = [name for name in SPAN_FIELDS if name in signature.output_fields]
+        fields = signature.output_fields
+        # A field the program bounded to fixed values (`with_choices`: an empty location) keeps them.
+        spans = [name for name in SPAN_FIELDS if name in fields and literal_choices(fields[name].annotation) is None]
         if not spans or not isinstance(source, str):
             return
         if not (isinstance(response_format, type) and issubclass(response_format, pydantic.BaseModel)):

@@ -20,7 +20,8 @@ from triage.demos import nearest_pool
 from triage.evaluation import run_module
 from triage.lm import LMSetup
 from triage.metrics import percent
-from triage.programs import PRIORITIES, NearestDemos, bounded_labels, literal_choices
+from triage.nearest_demos import STATES_LOCATION, NearestDemos, bounded_labels
+from triage.programs import PRIORITIES, literal_choices
 from triage.retrieval import SecondOpinion, SimilarCalls, label_totals, weighted_vote
 from triage.settings import Settings
 from triage.stages import ProgramSource
@@ -42,6 +43,7 @@ class NearestChoice:
     urgent_share: float | None = None  # None: the same as choice_share
     embedded: tuple[str, ...] = ()  # labels whose classifier also reads sentence embeddings
     urgent_on_danger: bool = False  # urgent is the only priority choice when the caller describes present danger
+    location_below: float = 0.0  # the location is left empty when P(the caller names a place) is below it
 
     def describe(self) -> str:
         shares = [f"share >= {self.choice_share:g}"] if self.choice_share else []
@@ -54,7 +56,8 @@ class NearestChoice:
             bound += f", {'/'.join(self.classified)} by the classifier"
         if self.embedded:
             bound += f" ({'/'.join(self.embedded)} with sentence embeddings)"
-        return f"k={self.k}" + (bound if self.choices else "")
+        described = f"k={self.k}" + (bound if self.choices else "")
+        return described + (f", no location below p={self.location_below:g}" if self.location_below else "")
 
 
 def nearest_program(
@@ -73,6 +76,7 @@ def nearest_program(
         "urgent_share": chosen.urgent_share,
         "embedded": chosen.embedded,
         "urgent_on_danger": chosen.urgent_on_danger,
+        "location_below": chosen.location_below,
     }
     program.nearest.load_state({**state, "pool": nearest_pool(examples, target.demo)})
     return program
@@ -181,6 +185,64 @@ def choose_priority_bound(
     return max(figures, key=lambda bound: (figures[bound].urgent_recall, *preference(bound))), figures
 
 
+# A named place left empty costs more than words of the call answered as a place where none was
+# named: the dispatcher must ask again for what the caller said, while "the little ones" as a
+# location is plainly no place. So a threshold must empty three calls that name none per place lost.
+LOST_PLACE_COST = 3
+LOCATION_FOLDS = 10
+
+
+@dataclass(frozen=True)
+class LocationFigures:
+    """What leaving the location empty below one threshold does, leave-one-out on the labelled calls."""
+
+    emptied_right: int  # calls that name no place, left empty
+    emptied_wrong: int  # calls that name one, left empty
+
+    @property
+    def gain(self) -> int:
+        return self.emptied_right - LOST_PLACE_COST * self.emptied_wrong
+
+
+def choose_location_bound(
+    labelled: list[dspy.Example], thresholds: tuple[float, ...], folds: int = LOCATION_FOLDS
+) -> tuple[float, dict[float, LocationFigures]]:
+    """Below which probability that the caller names a place (`NearestDemos.states_location`) a
+    call's location is left empty: out of fold over the labelled calls (train + dev; call i in fold
+    i mod `folds`), each call judged by a classifier fitted on the other folds, as the saved program
+    judges a new call. Without the LM: the threshold with the largest `LocationFigures.gain` (ties:
+    the lower), 0 (never empty) when none gains."""
+    named = [STATES_LOCATION if (example.get("location") or "").strip() else "none" for example in labelled]
+    probabilities = [0.0] * len(labelled)
+    for fold in range(min(folds, len(labelled))):
+        held_out = range(fold, len(labelled), folds)
+        rest = [i for i in range(len(labelled)) if i % folds != fold]
+        index = SimilarCalls([labelled[i].transcript for i in rest])
+        classifier = SecondOpinion.on_index(index, [named[i] for i in rest])
+        if classifier is None:
+            return 0.0, {}
+        for i in held_out:
+            probabilities[i] = classifier.probabilities_of(index.vector(labelled[i].transcript))[STATES_LOCATION]
+    figures = {}
+    for threshold in sorted(thresholds):
+        emptied = [label for label, p in zip(named, probabilities, strict=True) if p < threshold]
+        figures[threshold] = LocationFigures(emptied.count("none"), emptied.count(STATES_LOCATION))
+    best = max(figures, key=lambda t: (figures[t].gain, -t), default=0.0)
+    return (best if best and figures[best].gain > 0 else 0.0), figures
+
+
+def _location_note(chosen: float, figures: dict[float, LocationFigures], calls: int) -> str:
+    tried = "; ".join(
+        f"below {t:g}: {f.emptied_right} without a place left empty, {f.emptied_wrong} named lost"
+        for t, f in figures.items()
+    )
+    said = f"empty below p={chosen:g}" if chosen else "never empty"
+    return (
+        f"the location bound, chosen in {LOCATION_FOLDS}-fold cross-validation on {calls} labelled calls "
+        f"(a place lost counts {LOST_PLACE_COST} calls): {said} ({tried})"
+    )
+
+
 def choose_classified(
     trainset: list[dspy.Example], evalset: list[dspy.Example], n: int, share: float, labels: tuple[str, ...]
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -270,14 +332,27 @@ def choose_nearest(
         # the embedded model about a second per call, and one call on a small split is noise.
         # (Rounded: a gain of exactly one call must tie, not win or lose by a float's last bit.)
         return max(
-            candidates, key=lambda c: (round(scores[c] - (c.k - 1) * one_call, 9), -c.k, -c.choices, c.choice_share)
+            candidates,
+            key=lambda c: (
+                round(scores[c] - (c.k - 1) * one_call, 9),
+                -c.k,
+                -c.choices,
+                c.choice_share,
+                -c.location_below,
+            ),
         )
 
     ks = sorted(options.k_candidates)
     if not has_choices(target):
+        notes, location_below = [], 0.0
+        if "location" in target.module_class().predictors()[0].signature.output_fields:
+            location_below, figures = choose_location_bound(labelled, options.location_below_candidates)
+            notes.append(f"{target.name}: {_location_note(location_below, figures, len(labelled))}")
         for k in ks:
-            score(NearestChoice(k))
-        return best(list(scores)), scores, []
+            score(NearestChoice(k, location_below=location_below))
+        if location_below:  # kept only if the model scores better with it than without, at its best k
+            score(NearestChoice(best(list(scores)).k))
+        return best(list(scores)), scores, notes
     notes = []
     for n in sorted({n for n in options.choices_candidates if n > 0}):
         bound, figures = choose_priority_bound(

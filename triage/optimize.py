@@ -109,6 +109,9 @@ class OptimizeOptions:
     # (at most the share): chosen offline, see choose_priority_bound
     choice_share_candidates: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4, 0.5)
     urgent_share_candidates: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4)
+    # nearest: below which probability that the caller names a place the location is left empty
+    # (0: never), chosen offline, see choose_location_bound
+    location_below_candidates: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6)
     seed: int = 0
 
     @property

@@ -27,10 +27,11 @@ Each stage adds its reasons to the row's `review` column (null when there are no
    most similar labelled calls is on calls with the LM's priority. The classifier and the
    LM's bounded answer share many errors (both read the same labelled calls); the neighbours'
    split shows where the labelled data itself is divided. (`MIN_SUPPORT` 0 turns it off.)
-4. "priority X is outside the labelled calls' choices (...)" (or category): the program bounded
-   the labels for this call (`NearestDemos` choices) and the model answered another valid one.
-   The embedded model cannot (its grammar holds it to the bound); a hosted one can, and its
-   answer is kept rather than failed.
+4. "priority X is outside the labelled calls' choices (...)" (or category), "location '...' given
+   where the labelled calls say the caller names none": the program bounded the answer for this
+   call (`NearestDemos` choices) and the model answered another valid one. The embedded model
+   cannot (its grammar holds it to the bound); a hosted one can, and its answer is kept rather
+   than failed.
 5. "answered on attempt N": earlier answers did not validate.
 6. "location not in the transcript: ..." / "subject not in the transcript: ..." / "summary names what
    the transcript does not: ..." (a number or name; `triage.grounding`).
@@ -170,9 +171,12 @@ URGENT_WAS_A_CHOICE = "urgent was one of the labelled calls' choices"
 
 
 def bound_reasons(values: dict[str, str | None], choices: dict[str, tuple[str, ...]]) -> list[str]:
-    """One reason per label answered outside the choices the program left it for this call."""
+    """One reason per field answered outside the choices the program left it for this call (a
+    location given where the program's bound left it empty, too)."""
     return [
-        f"{name} {values[name]} is outside the labelled calls' choices ({', '.join(allowed)})"
+        f"{_FIELD_NAMES.get(name, name)} {values[name]!r} given where the labelled calls say the caller names none"
+        if allowed == ("",)
+        else f"{name} {values[name]} is outside the labelled calls' choices ({', '.join(allowed)})"
         for name, allowed in choices.items()
         if values.get(name) is not None and values[name] not in allowed
     ]

@@ -399,4 +399,6 @@ class ExtractDetailsStage(Stage):
     may_be_empty = frozenset({"location", "subject_description"})
 
     def review(self, transcript: str, answer: Answer) -> list[str]:
-        return grounding_reasons(answer.values, transcript) + super().review(transcript, answer)
+        choices = self.program.nearest.neighbourhood(transcript).choices
+        reasons = bound_reasons(answer.values, choices) + grounding_reasons(answer.values, transcript)
+        return reasons + super().review(transcript, answer)
