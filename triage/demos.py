@@ -8,7 +8,7 @@ own opening words (`caller_summary`), the kind of span of its transcript the emb
 
 Two ways to choose them:
   * `nearest_pool`: every labelled call becomes a pool entry; each call is then shown its k most
-    similar entries (`triage.programs.NearestDemos`). The default optimizer.
+    similar entries (`triage.nearest_demos.NearestDemos`). The default optimizer.
   * `select_covering`: one fixed set that shows every label evenly (`--optimizer labeled`).
 """
 

@@ -5,7 +5,7 @@ labelled calls in well under a second, offline and deterministic, so a program f
 to carry the labelled calls themselves: every process that loads it refits the same index.
 
 * `SimilarCalls`: the k labelled calls most similar to a transcript (cosine similarity),
-  the demos of `triage.programs.NearestDemos`.
+  the demos of `triage.nearest_demos.NearestDemos`.
 * `SecondOpinion`: a logistic regression on the same vectors (classes weighted by frequency,
   C=1, chosen on dev: priority 90.4% / category 71.2% with train as the pool), with the calls'
   sentence embeddings beside them or alone when asked. Its probabilities bound the program's
