@@ -471,6 +471,7 @@ def test_the_location_bound_is_chosen_out_of_fold_and_a_lost_place_costs_three()
     assert figures[0.5] == LocationFigures(12, 0) and threshold == 0.5
     assert figures[0.99].emptied_right == 12 and figures[0.99].emptied_wrong == 12  # everything emptied
     assert figures[0.99].gain == 12 - LOST_PLACE_COST * 12 < figures[0.5].gain
+    assert choose_location_bound(places_and_none(), (0.99,))[0] == 0.0  # no threshold gains: never empty
     only_places = [example for example in places_and_none() if example.location]
     assert choose_location_bound(only_places, (0.5,)) == (0.0, {})  # nothing to learn from: no bound
 

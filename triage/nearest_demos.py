@@ -94,9 +94,9 @@ class NearestDemos:
 
     With `location_below` > 0 a call's location may only be empty when a classifier on the pool
     (`states_location`: does the caller name a place at all?) gives it less than that probability.
-    A 57 of the 290 labelled calls name none, and the embedded model, whose grammar holds it to
-    a span of the transcript, answered every one of them with some words of the call ("the little
-    ones", "in Lexington"; out of fold). `optimize` chooses the threshold leave-one-out on train +
+    57 of the 290 labelled calls name none, and the embedded model, whose grammar holds it to a
+    span of the transcript, answered every one of them with some words of the call ("the little
+    ones", "in Lexington"; out of fold). `optimize` chooses the threshold out of fold on train +
     dev (`nearest_search.choose_location_bound`) and keeps it only if the model scores better with it.
     """
 
@@ -235,7 +235,7 @@ class NearestDemos:
             "location",
             STATES_LOCATION,
             lambda labels: SecondOpinion.on_index(index, labels),
-            lambda demo: _location_label(demo.get("location")),
+            lambda demo: location_label(demo.get("location")),
         )
         if classifier is None:
             return None
@@ -338,13 +338,13 @@ class NearestDemos:
         return NearestDemos(self.pool, **self.settings())  # the index, embeddings and classifiers are rebuilt on use
 
 
-# The constructor's settings (all but the pool), saved in a program's state by `dump_state`.
+# The constructor's settings (all but the pool); `dump_state` saves those in use.
 SETTINGS = tuple(name for name in inspect.signature(NearestDemos.__init__).parameters if name not in ("self", "pool"))
 STATES_LOCATION = "named"  # a pool call whose caller names the place (its gold location is not empty)
 
 
-def _location_label(location: Any) -> str | None:
-    """ "named" or "none" for a pool call's gold location; None when the call carries no location field."""
+def location_label(location: Any) -> str | None:
+    """`STATES_LOCATION` or "none", for a labelled call's gold location; None when it carries none."""
     if not isinstance(location, str):
         return None
     return STATES_LOCATION if location.strip() else "none"

@@ -20,7 +20,7 @@ from triage.demos import nearest_pool
 from triage.evaluation import run_module
 from triage.lm import LMSetup
 from triage.metrics import percent
-from triage.nearest_demos import STATES_LOCATION, NearestDemos, bounded_labels
+from triage.nearest_demos import STATES_LOCATION, NearestDemos, bounded_labels, location_label
 from triage.programs import PRIORITIES, literal_choices
 from triage.retrieval import SecondOpinion, SimilarCalls, label_totals, weighted_vote
 from triage.settings import Settings
@@ -194,7 +194,7 @@ LOCATION_FOLDS = 10
 
 @dataclass(frozen=True)
 class LocationFigures:
-    """What leaving the location empty below one threshold does, leave-one-out on the labelled calls."""
+    """What leaving the location empty below one threshold does, out of fold on the labelled calls."""
 
     emptied_right: int  # calls that name no place, left empty
     emptied_wrong: int  # calls that name one, left empty
@@ -212,7 +212,7 @@ def choose_location_bound(
     i mod `folds`), each call judged by a classifier fitted on the other folds, as the saved program
     judges a new call. Without the LM: the threshold with the largest `LocationFigures.gain` (ties:
     the lower), 0 (never empty) when none gains."""
-    named = [STATES_LOCATION if (example.get("location") or "").strip() else "none" for example in labelled]
+    named = [location_label(example.get("location") or "") for example in labelled]
     probabilities = [0.0] * len(labelled)
     for fold in range(min(folds, len(labelled))):
         held_out = range(fold, len(labelled), folds)
@@ -226,7 +226,8 @@ def choose_location_bound(
     figures = {}
     for threshold in sorted(thresholds):
         emptied = [label for label, p in zip(named, probabilities, strict=True) if p < threshold]
-        figures[threshold] = LocationFigures(emptied.count("none"), emptied.count(STATES_LOCATION))
+        lost = emptied.count(STATES_LOCATION)
+        figures[threshold] = LocationFigures(len(emptied) - lost, lost)
     best = max(figures, key=lambda t: (figures[t].gain, -t), default=0.0)
     return (best if best and figures[best].gain > 0 else 0.0), figures
 
