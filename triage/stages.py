@@ -219,8 +219,11 @@ class Stage:
         return outcome
 
     def review(self, transcript: str, answer: Answer) -> list[str]:
-        """Reasons a human should check this answer (none by default); see `triage.review`."""
-        return attempts_reason(answer.attempts)
+        """Reasons a human should check this answer, whichever stage gave it (`triage.review`): an
+        answer outside the program's per-call bound, one not taken from the call, validation retries."""
+        choices = self.program.nearest.neighbourhood(transcript).choices
+        reasons = bound_reasons(answer.values, choices) + grounding_reasons(answer.values, transcript)
+        return reasons + attempts_reason(answer.attempts)
 
     async def answer(self, transcript: str) -> Answer:
         """The validated output fields for one transcript.
@@ -385,7 +388,6 @@ class TriageStage(Stage):
             + priority_reasons(priority, evidence["second_opinion"], evidence["neighbours"])
             + reader_reasons(priority, evidence["second_reader"])
         )
-        reasons += bound_reasons(answer.values, choices) + grounding_reasons(answer.values, transcript)
         return reasons + super().review(transcript, answer)
 
 
@@ -397,8 +399,3 @@ class ExtractDetailsStage(Stage):
     signature = ExtractDetails
     program_file = "detail_extractor.json"
     may_be_empty = frozenset({"location", "subject_description"})
-
-    def review(self, transcript: str, answer: Answer) -> list[str]:
-        choices = self.program.nearest.neighbourhood(transcript).choices
-        reasons = bound_reasons(answer.values, choices) + grounding_reasons(answer.values, transcript)
-        return reasons + super().review(transcript, answer)
