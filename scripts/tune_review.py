@@ -11,6 +11,8 @@ calls flagged, the wrong priorities flagged and the under-triaged calls flagged.
 around the values in force and suggests the triple that flags the fewest calls while catching every
 under-triaged call and at least `--min-catch` of the wrong priorities. (MIN_SUPPORT 0 turns the
 neighbours' rule off, READER_P 1.01 the second reader's; `--no-cues` the caller's words.)
+`--frontier` prints instead, for each share of calls flagged, the most wrong priorities any grid
+point catches within it: how much a larger queue would buy.
 """
 
 from __future__ import annotations
@@ -112,11 +114,41 @@ def row(calls: list[dict], *thresholds: float) -> str:
     )
 
 
+FRONTIER_SHARES = (0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4)
+
+
+Frontier = list[tuple[float, tuple[int, ...], tuple[float, ...]]]
+
+
+def frontier(calls: list[dict], shares: tuple[float, ...] = FRONTIER_SHARES) -> Frontier:
+    """For each share of calls flagged at most, the grid point catching the most wrong priorities
+    (then the most under-triaged calls, then flagging the fewest): (share, `score`, thresholds)."""
+    scored = [
+        (score(calls, *thresholds), thresholds)
+        for thresholds in itertools.product(GRID_UNDER, GRID_DISAGREE, GRID_SUPPORT, GRID_READER)
+    ]
+    best = []
+    for share in shares:
+        within = [(s, t) for s, t in scored if s[0] <= share * len(calls)]
+        if within:
+            s, t = max(within, key=lambda item: (item[0][2], item[0][4], -item[0][0]))
+            best.append((share, s, t))
+    return best
+
+
+def print_frontier(calls: list[dict]) -> None:
+    print(f"{len(calls)} calls; at most  flagged  wrong caught  under-triaged caught  {HEADER.split('  ')[0]}")
+    for share, (flagged, wrong, wrong_flagged, under, under_flagged), thresholds in frontier(calls):
+        caught = f"{wrong_flagged:3d}/{wrong:<3d}      {under_flagged:3d}/{under:<3d}"
+        print(f"{share:>16.1%}   {flagged / len(calls):6.1%}  {caught}               {thresholds}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", help="an evaluation or optimize report (.json)")
     parser.add_argument("--min-catch", type=float, default=0.7, help="wrong priorities to catch at least [0.7]")
     parser.add_argument("--no-cues", action="store_true", help="leave out the caller's-words reasons")
+    parser.add_argument("--frontier", action="store_true", help="the most caught within each share flagged")
     args = parser.parse_args()
     report = json.loads(Path(args.report).read_text())
     calls = calls_of(report) if args.no_cues else with_transcripts(calls_of(report), report)
@@ -124,6 +156,9 @@ def main() -> int:
         print("error: the report's calls carry no second opinion (programs without a labelled pool)")
         return 2
     calls = with_fixed_reasons(calls)
+    if args.frontier:
+        print_frontier(calls)
+        return 0
     in_force = (UNDER_TRIAGE_P, DISAGREE_P, MIN_SUPPORT, READER_P)
     print(
         f"{len(calls)} calls; in force: UNDER_TRIAGE_P={UNDER_TRIAGE_P}, DISAGREE_P={DISAGREE_P}, "

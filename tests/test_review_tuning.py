@@ -81,3 +81,24 @@ def test_tune_review_keeps_the_recorded_urgent_choice_and_recomputes_the_other_p
     reader = {"second_reader": {"urgent": 0.5, "non_urgent": 0.3, "not_an_emergency": 0.2}}
     assert scored(call | reader, reader_p=0.45) == (1, 1, 1, 1, 1)
     assert scored(call | reader, reader_p=0.55) == (0, 1, 0, 1, 0)
+
+
+def test_the_frontier_catches_the_most_wrong_priorities_within_each_share_flagged():
+    tune_review = load_script("tune_review")
+
+    def call(call_id: str, gold: str, urgent_p: float) -> dict:
+        opinion = {"urgent": urgent_p, "non_urgent": 1 - urgent_p}
+        return {"call_id": call_id, "gold": {"priority": gold}, "triage": {"priority": "non_urgent"}} | {
+            "review": None,
+            "second_opinion": opinion,
+        }
+
+    calls = tune_review.with_fixed_reasons(
+        [call("missed", "urgent", 0.3), call("right", "non_urgent", 0.2), call("a", "non_urgent", 0.0)]
+        + [call("b", "non_urgent", 0.0)]
+    )
+    (none, nothing, _), (one, caught, thresholds) = tune_review.frontier(calls, shares=(0.0, 0.25))
+    assert (none, nothing[0], nothing[2]) == (0.0, 0, 0)
+    # One flag allowed: the under-triaged call's 30% is flagged, the right answer's 20% is not.
+    assert (one, caught) == (0.25, (1, 1, 1, 1, 1))
+    assert 0.2 < thresholds[0] <= 0.3
