@@ -102,7 +102,8 @@ def score(calls: list[dict], under_p: float, disagree_p: float, min_support: flo
     return flagged, wrong, wrong_flagged, under, under_flagged
 
 
-HEADER = "under_p disagree_p min_support reader_p  flagged  wrong caught  under-triaged caught"
+THRESHOLDS = "under_p disagree_p min_support reader_p"
+HEADER = f"{THRESHOLDS}  flagged  wrong caught  under-triaged caught"
 
 
 def row(calls: list[dict], *thresholds: float) -> str:
@@ -114,19 +115,23 @@ def row(calls: list[dict], *thresholds: float) -> str:
     )
 
 
-FRONTIER_SHARES = (0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4)
-
-
-Frontier = list[tuple[float, tuple[int, ...], tuple[float, ...]]]
-
-
-def frontier(calls: list[dict], shares: tuple[float, ...] = FRONTIER_SHARES) -> Frontier:
-    """For each share of calls flagged at most, the grid point catching the most wrong priorities
-    (then the most under-triaged calls, then flagging the fewest): (share, `score`, thresholds)."""
-    scored = [
+def scored_grid(calls: list[dict]) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
+    """(`score`, thresholds) for every point of the thresholds' grid."""
+    return [
         (score(calls, *thresholds), thresholds)
         for thresholds in itertools.product(GRID_UNDER, GRID_DISAGREE, GRID_SUPPORT, GRID_READER)
     ]
+
+
+FRONTIER_SHARES = (0.125, 0.15, 0.175, 0.2, 0.225, 0.25, 0.3, 0.4)
+
+
+def frontier(
+    calls: list[dict], shares: tuple[float, ...] = FRONTIER_SHARES
+) -> list[tuple[float, tuple[int, ...], tuple[float, ...]]]:
+    """For each share of calls flagged at most, the grid point catching the most wrong priorities
+    (then the most under-triaged calls, then flagging the fewest): (share, `score`, thresholds)."""
+    scored = scored_grid(calls)
     best = []
     for share in shares:
         within = [(s, t) for s, t in scored if s[0] <= share * len(calls)]
@@ -137,7 +142,7 @@ def frontier(calls: list[dict], shares: tuple[float, ...] = FRONTIER_SHARES) -> 
 
 
 def print_frontier(calls: list[dict]) -> None:
-    print(f"{len(calls)} calls; at most  flagged  wrong caught  under-triaged caught  {HEADER.split('  ')[0]}")
+    print(f"{len(calls)} calls; at most  flagged  wrong caught  under-triaged caught  {THRESHOLDS}")
     for share, (flagged, wrong, wrong_flagged, under, under_flagged), thresholds in frontier(calls):
         caught = f"{wrong_flagged:3d}/{wrong:<3d}      {under_flagged:3d}/{under:<3d}"
         print(f"{share:>16.1%}   {flagged / len(calls):6.1%}  {caught}               {thresholds}")
@@ -171,8 +176,7 @@ def main() -> int:
     for min_support, reader_p in itertools.product(GRID_SUPPORT, GRID_READER):
         print(row(calls, UNDER_TRIAGE_P, DISAGREE_P, min_support, reader_p))
     best = None
-    for thresholds in itertools.product(GRID_UNDER, GRID_DISAGREE, GRID_SUPPORT, GRID_READER):
-        flagged, wrong, wrong_flagged, under, under_flagged = score(calls, *thresholds)
+    for (flagged, wrong, wrong_flagged, under, under_flagged), thresholds in scored_grid(calls):
         good = under_flagged == under and wrong_flagged >= args.min_catch * wrong
         if good and (best is None or flagged < best[0]):
             best = (flagged, *thresholds)

@@ -86,19 +86,18 @@ def test_tune_review_keeps_the_recorded_urgent_choice_and_recomputes_the_other_p
 def test_the_frontier_catches_the_most_wrong_priorities_within_each_share_flagged():
     tune_review = load_script("tune_review")
 
-    def call(call_id: str, gold: str, urgent_p: float) -> dict:
-        opinion = {"urgent": urgent_p, "non_urgent": 1 - urgent_p}
-        return {"call_id": call_id, "gold": {"priority": gold}, "triage": {"priority": "non_urgent"}} | {
+    def answered_non_urgent(gold: str, urgent_p: float) -> dict:
+        return {
+            "gold": {"priority": gold},
+            "triage": {"priority": "non_urgent"},
             "review": None,
-            "second_opinion": opinion,
+            "second_opinion": {"urgent": urgent_p, "non_urgent": 1 - urgent_p},
         }
 
-    calls = tune_review.with_fixed_reasons(
-        [call("missed", "urgent", 0.3), call("right", "non_urgent", 0.2), call("a", "non_urgent", 0.0)]
-        + [call("b", "non_urgent", 0.0)]
-    )
-    (none, nothing, _), (one, caught, thresholds) = tune_review.frontier(calls, shares=(0.0, 0.25))
-    assert (none, nothing[0], nothing[2]) == (0.0, 0, 0)
+    missed, right = answered_non_urgent("urgent", 0.3), answered_non_urgent("non_urgent", 0.2)
+    calls = tune_review.with_fixed_reasons([missed, right] + [answered_non_urgent("non_urgent", 0.0)] * 2)
+    (_, no_flag, _), (_, one_flag, thresholds) = tune_review.frontier(calls, shares=(0.0, 0.25))
+    assert (no_flag[0], no_flag[2]) == (0, 0)
     # One flag allowed: the under-triaged call's 30% is flagged, the right answer's 20% is not.
-    assert (one, caught) == (0.25, (1, 1, 1, 1, 1))
+    assert one_flag == (1, 1, 1, 1, 1)
     assert 0.2 < thresholds[0] <= 0.3
