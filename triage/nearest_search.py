@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
@@ -82,10 +82,14 @@ def nearest_program(
     return program
 
 
+def output_fields(target: Target) -> dict[str, Any]:
+    """The output fields of the target's (first) predictor."""
+    return target.module_class().predictors()[0].signature.output_fields
+
+
 def has_choices(target: Target) -> bool:
     """Whether the target answers a field with a fixed set of labels, which neighbours can bound."""
-    predictor = target.module_class().predictors()[0]
-    return any(literal_choices(field.annotation) for field in predictor.signature.output_fields.values())
+    return any(literal_choices(field.annotation) for field in output_fields(target).values())
 
 
 def choose_vote(
@@ -346,7 +350,7 @@ def choose_nearest(
     ks = sorted(options.k_candidates)
     if not has_choices(target):
         notes, location_below = [], 0.0
-        if "location" in target.module_class().predictors()[0].signature.output_fields:
+        if "location" in output_fields(target):
             location_below, figures = choose_location_bound(labelled, options.location_below_candidates)
             notes.append(f"{target.name}: {_location_note(location_below, figures, len(labelled))}")
         for k in ks:
